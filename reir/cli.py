@@ -1,0 +1,194 @@
+"""`reir`: one command line with subcommands.
+
+Handlers import what they need lazily, so `reir data ...` on a serving host never
+touches torch, and start-up stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+
+class CLIError(Exception):
+    """An error the user can fix; printed as one line, exit code 2."""
+
+
+def _data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("path", type=Path, help="dataset: canonical dir, RefCOCO dir, or UNINEXT .json")
+    p.add_argument("--format", choices=["canonical", "refcoco", "uninext"], help="default: detected")
+    p.add_argument("--split-by", help="RefCOCO: which refs(<split_by>).p to read (unc, google, umd)")
+    p.add_argument("--images", type=Path, help="image directory (RefCOCO/UNINEXT; default PATH/images)")
+    p.add_argument("--split", help="UNINEXT: split name of the file (default: from its name)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="reir", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("synth", help="write the synthetic REIR benchmark")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--images", type=int, required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", type=int, default=128)
+    p.add_argument("--splits", default="0.7,0.1,0.2", help="train,val,test fractions of the images")
+    p.add_argument("--exprs-per-image", type=int, default=2)
+    p.add_argument("--answers", choices=["eval", "all", "none"], default="eval", help="splits with exact answer sets")
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+
+    data = sub.add_parser("data", help="inspect, validate and convert datasets").add_subparsers(
+        dest="data_command", required=True
+    )
+    p = data.add_parser("validate", help="check every record; exit 1 if any is bad")
+    _data_args(p)
+    p.add_argument("--skip-invalid", action="store_true", help="drop bad records, print how many of each kind")
+    p.add_argument("--no-check-files", action="store_true", help="do not check that image files exist")
+    p.add_argument("--max-errors", type=int, default=20, help="problems to print (all are counted)")
+    p = data.add_parser("stats", help="counts, splits, expression types, specificity")
+    _data_args(p)
+    p.add_argument("--skip-invalid", action="store_true")
+    p.add_argument("--json", action="store_true")
+    p = data.add_parser("convert", help="convert RefCOCO / UNINEXT data to the canonical format")
+    _data_args(p)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--skip-invalid", action="store_true")
+    p.add_argument("--overwrite", action="store_true")
+    p = data.add_parser("show", help="draw an expression's image with its target box")
+    _data_args(p)
+    p.add_argument("--expr", type=int, required=True, help="expression id")
+    p.add_argument("-o", "--output", type=Path, required=True)
+
+    p = sub.add_parser("demo", help="the main job: generate, index and query a synthetic gallery")
+    p.add_argument("--out", type=Path, default=Path("reir-demo"))
+    p.add_argument("--images", type=int, default=300)
+    p.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def _load(args: argparse.Namespace, skip_invalid: bool = False, check_files: bool = True):
+    from reir.engine.data import drop_invalid, load_dataset, validate
+
+    ds = load_dataset(args.path, args.format, split_by=args.split_by, images=args.images, split=args.split)
+    problems = validate(ds, check_files=check_files)
+    if skip_invalid and problems:
+        ds, dropped = drop_invalid(ds, problems)
+        summary = ", ".join(f"{k} {n}" for k, n in sorted(dropped.items()))
+        print(f"skipped {sum(dropped.values())} invalid record(s): {summary}", file=sys.stderr)
+        problems = []
+    return ds, problems
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from reir.engine.data.stats import dataset_stats, format_stats
+    from reir.engine.synth import SynthConfig, generate
+
+    try:
+        fractions = tuple(float(x) for x in args.splits.split(","))
+    except ValueError:
+        raise CLIError(f"--splits: expected three comma-separated fractions, got {args.splits!r}") from None
+    if len(fractions) != 3 or abs(sum(fractions) - 1) > 1e-6 or min(fractions) < 0:
+        raise CLIError(f"--splits: three non-negative fractions summing to 1, got {args.splits!r}")
+    if args.images < 1 or args.size < 32:
+        raise CLIError("--images must be >= 1 and --size >= 32")
+    cfg = SynthConfig(
+        images=args.images,
+        seed=args.seed,
+        size=args.size,
+        fractions=fractions,
+        exprs_per_image=args.exprs_per_image,
+        answers=args.answers,
+        workers=args.workers,
+    )
+    ds, speed = generate(args.out, cfg, overwrite=args.overwrite, progress=not args.quiet)
+    print(format_stats(dataset_stats(ds)))
+    print(f"\nwrote {args.out} ({speed:.0f} images/s with {args.workers} worker(s))")
+    return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from reir.engine.data.stats import dataset_stats, format_stats
+
+    if args.data_command == "validate":
+        ds, problems = _load(args, skip_invalid=args.skip_invalid, check_files=not args.no_check_files)
+        if problems:
+            for p in problems[: args.max_errors]:
+                print(p, file=sys.stderr)
+            if len(problems) > args.max_errors:
+                print(f"... and {len(problems) - args.max_errors} more", file=sys.stderr)
+            kinds: dict[str, int] = {}
+            for p in problems:
+                kinds[p.kind] = kinds.get(p.kind, 0) + 1
+            summary = ", ".join(f"{k} {n}" for k, n in sorted(kinds.items()))
+            print(f"{args.path}: {len(problems)} problem(s): {summary}", file=sys.stderr)
+            return 1
+        c = ds.counts()
+        print(f"{args.path}: OK ({c['images']} images, {c['instances']} instances, {c['expressions']} expressions)")
+        return 0
+    if args.data_command == "stats":
+        ds, problems = _load(args, skip_invalid=args.skip_invalid, check_files=False)
+        st = dataset_stats(ds)
+        print(json.dumps(st, indent=2) if args.json else format_stats(st))
+        if problems:
+            print(f"note: {len(problems)} invalid record(s); run `reir data validate`", file=sys.stderr)
+        return 0
+    if args.data_command == "convert":
+        return _convert(args)
+    if args.data_command == "show":
+        from reir.engine.data.show import render_expression
+
+        ds, _ = _load(args, check_files=False)
+        img = render_expression(ds, args.expr)
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        img.save(args.output)
+        print(f"wrote {args.output}")
+        return 0
+    raise CLIError(f"unknown data command {args.data_command}")
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from reir.engine.data import write_canonical
+    from reir.engine.fsutil import atomic_directory
+
+    ds, problems = _load(args, skip_invalid=args.skip_invalid, check_files=True)
+    if problems:
+        for p in problems[:20]:
+            print(p, file=sys.stderr)
+        raise CLIError(f"{args.path}: {len(problems)} invalid record(s); fix them or pass --skip-invalid")
+    ds.meta = {**ds.meta, "converted_from": str(args.path.resolve())}
+    with atomic_directory(args.out, overwrite=args.overwrite) as tmp:
+        write_canonical(ds, tmp, image_root=str(ds.image_root.resolve()))
+    c = ds.counts()
+    print(f"wrote {args.out}: {c['images']} images, {c['instances']} instances, {c['expressions']} expressions")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from reir.engine.data import DataError
+    from reir.engine.fsutil import OutputExistsError
+
+    try:
+        if args.command == "synth":
+            return cmd_synth(args)
+        if args.command == "data":
+            return cmd_data(args)
+        if args.command == "demo":
+            from reir.demo import run_demo
+
+            return run_demo(args.out, images=args.images, seed=args.seed)
+    except (CLIError, DataError, OutputExistsError) as e:
+        print(f"reir: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("reir: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
