@@ -1,0 +1,1 @@
+"""CLARE in PyTorch: model, losses, training loop, evaluation (imports torch)."""

@@ -124,3 +124,26 @@ def expression_type(logic: Logic) -> str:
 def required_attributes(logic: Logic) -> dict[str, str]:
     """Constraints any satisfying object must meet (used to prefilter a gallery)."""
     return dict(logic["target"])
+
+
+_H_MIRROR = {"left": "right", "right": "left", "center": "center"}
+_REL_MIRROR = {"left_of": "right_of", "right_of": "left_of"}
+
+
+def mirror_logic(logic: Logic) -> Logic:
+    """The logical form that is true of the horizontally flipped scene (left <-> right)."""
+    out = dict(logic)
+    if logic.get("location") and "h" in logic["location"]:
+        out["location"] = {**logic["location"], "h": _H_MIRROR[logic["location"]["h"]]}
+    if logic.get("relation"):
+        rel = logic["relation"]
+        out["relation"] = {**rel, "type": _REL_MIRROR.get(rel["type"], rel["type"])}
+    sup = logic.get("superlative")
+    if sup and sup["by"] == "x":
+        out["superlative"] = {**sup, "descending": not sup.get("descending", False)}
+    return out
+
+
+def mirror_object(o: SceneObject, width: int) -> SceneObject:
+    x1, y1, x2, y2 = o.box
+    return SceneObject(o.shape, o.color, o.size, o.fill, (width - x2, y1, width - x1, y2))

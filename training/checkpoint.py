@@ -1,0 +1,82 @@
+"""Checkpoints: config + weights + tokenizer + versions, written atomically, loaded safely.
+
+`torch.load(weights_only=True)` only: a checkpoint is data, never code. A checkpoint
+from another model config fails with the fields that differ.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import Config, ConfigError, diff_configs, from_dict
+
+FORMAT = "clare-reir/checkpoint"
+VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def versions() -> dict[str, str]:
+    import transformers
+
+    return {
+        "torch": str(torch.__version__),
+        "transformers": str(transformers.__version__),
+        "python": platform.python_version(),
+    }
+
+
+def save_checkpoint(path: Path, cfg: Config, model: torch.nn.Module, extra: dict[str, Any] | None = None) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {
+        "format": FORMAT,
+        "version": VERSION,
+        "config": cfg.to_dict(),
+        "model": model.state_dict(),
+        "tokenizer": cfg.model.text.encoder,
+        "versions": versions(),
+        **(extra or {}),
+    }
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(state, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: Path) -> tuple[Config, dict[str, Any]]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, not a torch file, unsafe content
+        raise CheckpointError(f"{path}: cannot read checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a clare-reir checkpoint")
+    try:
+        cfg = from_dict(Config, state["config"])
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: its config does not load here ({e})") from None
+    return cfg, state
+
+
+def check_compatible(path: Path, saved: dict[str, Any], cfg: Config) -> None:
+    """Refuse to resume or load into a model built from a different model config."""
+    diffs = diff_configs(saved["config"]["model"], cfg.to_dict()["model"], "model.")
+    if diffs:
+        raise CheckpointError(f"{path}: made with a different model config: " + "; ".join(diffs))

