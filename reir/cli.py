@@ -63,6 +63,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--expr", type=int, required=True, help="expression id")
     p.add_argument("-o", "--output", type=Path, required=True)
 
+    p = sub.add_parser("train", help="train CLARE from a YAML recipe (configs/*.yaml)")
+    p.add_argument("config", type=Path)
+    p.add_argument("--resume", action="store_true", help="continue the run's last checkpoint, same schedule")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.batch_size=8")
+    p.add_argument("--eval", action="store_true", help="evaluate the final checkpoint on the recipe's eval split")
+    p.add_argument("--quiet", action="store_true")
+
+    p = sub.add_parser("eval", help="evaluate a checkpoint with the text-free gallery protocol")
+    p.add_argument("checkpoint", type=Path)
+    p.add_argument("--data", type=Path, required=True, help="canonical dataset directory")
+    p.add_argument("--split", default="test")
+    p.add_argument("--gallery-images", type=int, default=0, help="first N gallery images only (0 = all)")
+    p.add_argument("--json", type=Path, help="write the report as JSON")
+    p.add_argument("--md", type=Path, help="write the report as a markdown table")
+    p.add_argument("--quiet", action="store_true")
+
     p = sub.add_parser("demo", help="the main job: generate, index and query a synthetic gallery")
     p.add_argument("--out", type=Path, default=Path("reir-demo"))
     p.add_argument("--images", type=int, default=300)
@@ -177,6 +193,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_synth(args)
         if args.command == "data":
             return cmd_data(args)
+        if args.command in ("train", "eval"):
+            from reir.training.cli import run
+
+            return run(args)
         if args.command == "demo":
             from reir.demo import run_demo
 

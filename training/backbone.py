@@ -87,10 +87,19 @@ class TimmBackbone(nn.Module):
 
 
 def build_backbone(cfg: BackboneConfig) -> nn.Module:
+    if cfg.name == "siglip_vit_b16":
+        from .vit import ViTPyramid, load_vit_weights
+
+        vit = ViTPyramid(768, 12, 12, 16)
+        if cfg.path:
+            load_vit_weights(vit, cfg.path)
+        return vit
     if cfg.name == "small_cnn":
         return SmallCNN(cfg.channels)
     if cfg.name == "efficientnet_lite0":
         return EfficientNetBackbone(cfg.pretrained)
     if cfg.name == "timm":
         return TimmBackbone(cfg)
-    raise ValueError(f"model.backbone.name: unknown backbone {cfg.name!r} (small_cnn, efficientnet_lite0, timm)")
+    raise ValueError(
+        f"model.backbone.name: unknown backbone {cfg.name!r} (small_cnn, efficientnet_lite0, siglip_vit_b16, timm)"
+    )

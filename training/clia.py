@@ -22,14 +22,29 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+class _AllGather(torch.autograd.Function):
+    """All-gather along dim 0 whose backward hands each rank the gradient of the *sum of
+    all ranks' losses* with respect to its own rows (all-reduce, then slice)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        ctx.rank, ctx.n = dist.get_rank(), x.shape[0]
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts, 0)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.n : (ctx.rank + 1) * ctx.n]
+
+
 def gather_with_grad(x: Tensor) -> tuple[Tensor, int]:
     """All ranks' rows of x, differentiable; and this rank's row offset."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x, 0
-    from torch.distributed.nn.functional import all_gather
-
-    parts = all_gather(x)
-    return torch.cat(parts, 0), dist.get_rank() * x.shape[0]
+    return _AllGather.apply(x), dist.get_rank() * x.shape[0]
 
 
 class CLIALoss(nn.Module):

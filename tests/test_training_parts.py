@@ -1,0 +1,144 @@
+"""Training components: configs, box ops, MORE, model shapes, checkpoints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="torch not installed (training extra)")
+
+from reir.training import box_ops  # noqa: E402
+from reir.training.checkpoint import CheckpointError, check_compatible, load_checkpoint, save_checkpoint  # noqa: E402
+from reir.training.config import Config, ConfigError, load_config  # noqa: E402
+from reir.training.more import MORE  # noqa: E402
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.mark.parametrize("name", ["synth_tiny.yaml", "synth.yaml", "reircoco_vitb.yaml"])
+def test_shipped_recipes_load(name):
+    cfg = load_config(CONFIGS / name)
+    assert cfg.train.stages and cfg.model.d_model > 0
+
+
+def test_unknown_key_and_wrong_type_are_named(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("model:\n  d_modle: 64\n")
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) model.d_modle"):
+        load_config(f)
+    f.write_text("train:\n  stages:\n    - {name: a, lr: fast}\n")
+    with pytest.raises(ConfigError, match=r"train.stages\[0\].lr: expected float, got 'fast'"):
+        load_config(f)
+    f.write_text("seed: [1\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(f)
+
+
+def test_nms_follows_onnx_semantics():
+    boxes = torch.tensor([[0, 0, 10, 10], [0, 0, 10, 10], [1, 0, 11, 10], [20, 20, 30, 30]], dtype=torch.float32)
+    scores = torch.tensor([0.9, 0.8, 0.95, 0.1])
+    iou_12 = float(box_ops.box_iou(boxes[:1], boxes[2:3])[0][0, 0])
+    # Strictly greater suppresses: at threshold == IoU the box is kept.
+    keep = box_ops.nms(boxes, scores, iou_12)
+    assert keep.tolist() == [2, 0, 3]  # box 1 duplicates box 0 exactly (IoU 1 > thr); order by score
+    assert box_ops.nms(boxes, scores, iou_12 - 1e-4).tolist() == [2, 3]
+    assert box_ops.nms(boxes, scores, 0.5, max_keep=1).tolist() == [2]
+
+
+def test_giou_matches_hand_computation():
+    a = torch.tensor([[0.0, 0.0, 2.0, 2.0]])
+    b = torch.tensor([[1.0, 1.0, 3.0, 3.0]])
+    # IoU 1/7; hull 9; union 7 -> GIoU = 1/7 - 2/9
+    assert float(box_ops.generalized_box_iou(a, b)) == pytest.approx(1 / 7 - 2 / 9)
+    c = torch.tensor([[0.2, 0.3, 0.4, 0.5]])
+    torch.testing.assert_close(box_ops.xyxy_to_cxcywh(box_ops.cxcywh_to_xyxy(c)), c)
+
+
+def test_more_routes_top_k_and_mixes():
+    torch.manual_seed(0)
+    m = MORE(16, 8, experts=4, top_k=2, weight=0.3)
+    x = torch.nn.functional.normalize(torch.randn(5, 16), dim=-1)
+    g = m.gates(x)
+    assert ((g > 0).sum(-1) == 2).all()  # exactly K experts active per expression
+    full = torch.softmax(m.router(x), -1)
+    assert torch.allclose(g[g > 0], full[g > 0])  # not renormalised after top-k
+    experts = m.experts(x).view(5, 4, 8)
+    want = 0.7 * m.shared(x) + 0.3 * (g[..., None] * experts).sum(1)
+    torch.testing.assert_close(m(x), want)
+
+
+def _tiny_model_cfg():
+    cfg = load_config(CONFIGS / "synth_tiny.yaml")
+    return cfg
+
+
+def test_model_outputs_and_text_free_visual_branch():
+    from reir.training.model import build_model
+
+    cfg = _tiny_model_cfg()
+    model = build_model(cfg.model).eval()
+    x = torch.rand(2, 3, 128, 128)
+    with torch.no_grad():
+        out = model.encode_image(x)
+    q, d = cfg.model.num_queries, cfg.model.d_model
+    assert len(out["embeddings"]) == cfg.model.dec_layers
+    assert out["embeddings"][-1].shape == (2, q, d) and out["boxes"][-1].shape == (2, q, 4)
+    assert float(out["boxes"][-1].min()) >= 0 and float(out["boxes"][-1].max()) <= 1
+    # Text-free: the image path has no text input at all, and images are independent.
+    with torch.no_grad():
+        single = model.encode_image(x[:1])
+    torch.testing.assert_close(single["embeddings"][-1][0], out["embeddings"][-1][0], atol=1e-5, rtol=1e-5)
+
+
+def test_checkpoint_roundtrip_and_errors(tmp_path):
+    from reir.training.model import build_model
+
+    cfg = _tiny_model_cfg()
+    model = build_model(cfg.model)
+    path = tmp_path / "ck.pt"
+    save_checkpoint(path, cfg, model, {"stage": 1})
+    loaded_cfg, state = load_checkpoint(path)
+    assert loaded_cfg.model == cfg.model and state["stage"] == 1
+    assert not list(tmp_path.glob(".ck.pt.*"))  # no temp file left
+    other = Config(**{**cfg.__dict__})
+    other.model = type(cfg.model)(**{**cfg.model.__dict__, "d_model": 32})
+    with pytest.raises(CheckpointError, match=r"model.d_model: 64 vs 32"):
+        check_compatible(path, state, other)
+    truncated = tmp_path / "bad.pt"
+    truncated.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match=r"bad\.pt: cannot read checkpoint"):
+        load_checkpoint(truncated)
+    with pytest.raises(CheckpointError, match="checkpoint not found"):
+        load_checkpoint(tmp_path / "missing.pt")
+    # A pickle that would run code is refused by weights_only loading.
+    import pickle
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    evil = tmp_path / "evil.pt"
+    torch.save({"x": Evil()}, evil, pickle_protocol=pickle.DEFAULT_PROTOCOL)
+    with pytest.raises(CheckpointError, match=r"evil\.pt: cannot read checkpoint"):
+        load_checkpoint(evil)
+
+
+def test_paper_scale_recipe_runs_one_step_at_small_size():
+    """configs/reircoco_vitb.yaml with random weights: one forward/backward at 64 px."""
+    from reir.training.model import build_model
+
+    cfg = load_config(
+        CONFIGS / "reircoco_vitb.yaml",
+        {"model.image_size": 64, "model.backbone.path": None, "model.text.encoder": "siglip_b16_scratch"},
+    )
+    assert cfg.model.num_queries == 900 and cfg.model.enc_layers == 6 and cfg.model.dec_layers == 6
+    model = build_model(cfg.model)
+    out = model.encode_image(torch.rand(1, 3, 64, 64))
+    ids = torch.randint(0, 30000, (1, 16))
+    q = model.encode_text(ids, torch.ones_like(ids))
+    loss = (out["embeddings"][-1] @ q[0]).sum() + out["boxes"][-1].sum() + out["objectness"][-1].sum()
+    loss.backward()
+    assert model.backbone.patch_embed.proj.weight.grad is not None
+    assert np.isfinite(float(loss))

@@ -1,0 +1,73 @@
+"""`reir train` and `reir eval` (imported only when those commands run: they need torch)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import yaml
+
+from reir.engine.fsutil import write_json_atomic
+
+from .checkpoint import CheckpointError, load_checkpoint
+from .config import ConfigError, load_config
+
+
+def _overrides(pairs: list[str]) -> dict:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {pair!r}: expected KEY=VALUE")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        return _train(args) if args.command == "train" else _eval(args)
+    except (ConfigError, CheckpointError) as e:
+        print(f"reir: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate_model
+    from .trainer import Trainer
+
+    cfg = load_config(args.config, _overrides(args.set))
+    trainer = Trainer(cfg, progress=not args.quiet)
+    final = trainer.fit(resume=args.resume)
+    print(f"wrote {final}")
+    if args.eval and trainer.rank == 0:
+        report = evaluate_model(trainer.model, trainer.tokenizer, trainer.ds, cfg.eval.split, cfg.eval, not args.quiet)
+        print(report.table())
+        write_json_atomic(final.with_suffix(".eval.json"), report.to_dict())
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from reir.engine.data import load_dataset
+
+    from .evaluate import evaluate_model
+    from .model import build_model
+    from .text import load_tokenizer
+
+    cfg, state = load_checkpoint(args.checkpoint)
+    model = build_model(cfg.model)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as e:
+        raise CheckpointError(f"{args.checkpoint}: weights do not fit the model its config builds ({e})") from None
+    if args.gallery_images:
+        cfg.eval.gallery_images = args.gallery_images
+    ds = load_dataset(args.data)
+    report = evaluate_model(model, load_tokenizer(cfg.model.text), ds, args.split, cfg.eval, not args.quiet)
+    report.meta["checkpoint"] = str(Path(args.checkpoint))
+    print(report.table())
+    if args.json:
+        write_json_atomic(args.json, report.to_dict())
+    if args.md:
+        args.md.write_text(report.table() + "\n")
+    return 0
