@@ -64,17 +64,13 @@ class CLIALoss(nn.Module):
         return -F.logsigmoid(y * logits).sum() / texts.shape[0]
 
 
-def clia_labels(
-    matches: list[tuple[Tensor, Tensor]], positives: list[list[list[int]]], num_queries: int, num_texts: int
-) -> Tensor:
-    """labels[i, j, k] = 1 iff query j of local image i is matched to a GT object of image i
-    that text k (global index) is true of. positives[i][k]: those object indices."""
-    labels = torch.zeros(len(matches), num_queries, num_texts)
-    for i, (qi, ti) in enumerate(matches):
-        obj_to_query = dict(zip(ti.tolist(), qi.tolist(), strict=True))
+def clia_labels(owners: list[Tensor], positives: list[list[list[int]]], num_texts: int) -> Tensor:
+    """labels[i, j, k] = 1 iff query j of local image i stands for a GT object of image i that
+    text k (global index) is true of. owners[i]: [Q, n] query-object assignment (criterion);
+    positives[i][k]: the objects of image i text k is true of."""
+    labels = torch.zeros(len(owners), owners[0].shape[0] if owners else 0, num_texts)
+    for i, own in enumerate(owners):
         for k, objs in enumerate(positives[i]):
-            for o in objs:
-                q = obj_to_query.get(o)
-                if q is not None:
-                    labels[i, q, k] = 1.0
+            if objs:
+                labels[i, :, k] = own[:, objs].amax(1)
     return labels

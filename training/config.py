@@ -61,6 +61,7 @@ class ModelConfig:
     num_queries: int = 900
     dropout: float = 0.0
     relation_context: bool = True  # explicit pairwise-geometry attention among queries
+    box_features: bool = True  # box-pooled appearance fed to every decoder layer (training/roi.py)
     image_size: int = 128  # training/eval input side (square)
 
 
@@ -78,6 +79,7 @@ class LossConfig:
     clia_init_scale: float = 10.0  # exp(t) at init (t = log 10)
     clia_init_bias: float = 0.0  # the official code's b init; SigLIP uses -10 (see training/README.md)
     multi_positive: bool = True  # other images' candidates that satisfy the expression are positives
+    select_iou: float = 0.6  # selection/CLIA positives: matched query + queries with IoU >= this (> 1: match only)
     match_class: float = 2.0
     match_l1: float = 5.0
     match_giou: float = 2.0
@@ -102,6 +104,7 @@ class DataConfig:
     generate_images: int = 0
     generate_seed: int = 0
     train_split: str = "train"
+    composed: int = 0  # synthetic scenes: extra expressions composed per image on the fly (training/data.py)
     hflip: float = 0.5
     workers: int = 1
 

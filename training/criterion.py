@@ -19,7 +19,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .box_ops import cxcywh_to_xyxy, generalized_box_iou
+from .box_ops import box_iou, cxcywh_to_xyxy, generalized_box_iou
 from .clia import CLIALoss, clia_labels, gather_with_grad
 from .config import LossConfig, StageConfig
 from .matcher import hungarian_match
@@ -41,7 +41,8 @@ class Targets:
 
     boxes: list[Tensor]  # per image [n, 4] normalised cxcywh
     labels: list[Tensor]  # per image [n] category index
-    target: list[int]  # per image: the object its own expression refers to
+    text_image: list[int]  # per local text: its image
+    text_target: list[int]  # per local text: the object it refers to
     positives: list[list[list[int]]]  # [image][global text] -> objects that text is true of
 
 
@@ -72,6 +73,21 @@ class SetCriterion(nn.Module):
         out["giou"] = (1 - torch.diag(giou)).sum() / num_boxes
         return out
 
+    @torch.no_grad()
+    def _owners(self, boxes: Tensor, t: Targets, match) -> list[Tensor]:
+        """Per image [Q, n] in {0, 1}: which queries stand for which object in the selection and
+        CLIA losses: the Hungarian match, plus every query whose box overlaps the object with
+        IoU >= `select_iou`. Duplicates are then not negatives; the gallery's NMS removes them."""
+        out = []
+        for b, (qi, ti) in enumerate(match):
+            own = torch.zeros(boxes.shape[1], len(t.boxes[b]))
+            if self.cfg.select_iou <= 1.0 and len(t.boxes[b]):
+                iou = box_iou(cxcywh_to_xyxy(boxes[b].float()), cxcywh_to_xyxy(t.boxes[b].float()))[0]
+                own = (iou >= self.cfg.select_iou).float()
+            own[qi, ti] = 1.0
+            out.append(own)
+        return out
+
     def forward(
         self,
         outputs: dict,
@@ -80,7 +96,7 @@ class SetCriterion(nn.Module):
         stage: StageConfig,
         category_queries: list[Tensor] | None = None,
     ) -> tuple[Tensor, dict[str, float]]:
-        """outputs: CLARE.encode_image; queries: per layer [B, d] (local texts)."""
+        """outputs: CLARE.encode_image; queries: per layer [T, d] (local texts, several per image)."""
         c = self.cfg
         num_boxes = _global_count(sum(len(b) for b in targets.boxes))
         weights = {"objectness": c.objectness_weight, "l1": c.l1_weight, "giou": c.giou_weight}
@@ -110,17 +126,18 @@ class SetCriterion(nn.Module):
                 for b, (qi, ti) in enumerate(match):
                     cls_t[b, qi, targets.labels[b][ti]] = 1.0
                 add("class", sigmoid_focal(cls_logits, cls_t, c.focal_alpha, c.focal_gamma) / num_boxes, c.class_weight)
+            owner = self._owners(boxes, targets, match)
             if stage.rec:
-                sel = torch.einsum("bd,bqd->bq", queries[layer], emb)
+                img = torch.as_tensor(targets.text_image, dtype=torch.long)
+                sel = torch.einsum("td,tqd->tq", queries[layer], emb[img])
                 sel_t = torch.zeros_like(sel)
-                for b, (qi, ti) in enumerate(match):
-                    hit = qi[ti == targets.target[b]]
-                    sel_t[b, hit] = 1.0
+                for t, (b, obj) in enumerate(zip(targets.text_image, targets.text_target, strict=True)):
+                    sel_t[t] = owner[b][:, obj]
                 npos = _global_count(float(sel_t.sum()))
                 add("select", sigmoid_focal(sel, sel_t, c.focal_alpha, c.focal_gamma) / npos, c.select_weight)
             if stage.clia:
                 texts, _ = gather_with_grad(queries[layer])
-                labels = clia_labels(match, targets.positives, emb.shape[1], texts.shape[0]).to(emb.device)
+                labels = clia_labels(owner, targets.positives, texts.shape[0]).to(emb.device)
                 add("clia", self.clia[layer](emb, texts, labels), c.clia_weight if last else c.clia_aux_weight)
         logs["total"] = float(total.detach())
         return total, logs

@@ -1,13 +1,19 @@
 """Training data: canonical dataset -> augmented image tensors, targets, and the labels
 CLIA needs (which objects of which image each text of the batch is true of).
 
+Each image brings one of its dataset expressions and, for synthetic scenes, up to
+`composed` more expressions composed on the fly from the scene's objects with the
+benchmark's own grammar (train lexicon only, so `test-novel` stays unseen). One
+expression per image wastes most of a scene's supervision; this is the cheapest way
+to more of it on CPU.
+
 Horizontal flips swap left/right in the text *and* in the logical form, so the
 multi-positive labels stay exact. Unreadable images are skipped and counted, not fatal.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -15,9 +21,18 @@ from PIL import Image as PILImage
 from torch import Tensor
 
 from reir.engine.data import Dataset
+from reir.engine.synth.compose import Composer, choose_construct
+from reir.engine.synth.grammar import Phraser
 from reir.engine.synth.logic import mirror_logic, mirror_object, satisfying
 from reir.engine.synth.scene import SceneObject
 from reir.engine.text import swap_left_right
+
+
+@dataclass
+class Text:
+    text: str
+    target: int  # index of the referred object in its image
+    logic: dict | None  # as presented (mirrored with the image)
 
 
 @dataclass
@@ -25,13 +40,9 @@ class Sample:
     image: Tensor  # uint8 [3, S, S]
     boxes: Tensor  # [n, 4] normalised cxcywh
     labels: Tensor  # [n]
-    target: int  # index of the referred object
-    text: str
-    expr_id: int
-    flipped: bool
-    objects: list[SceneObject] | None  # as presented (flipped if flipped), for exact positives
-    logic: dict | None  # as presented
-    orig_size: tuple[int, int] = (0, 0)  # (width, height) of the source image: the logic's frame
+    texts: list[Text]
+    objects: list[SceneObject] | None  # as presented, for exact positives
+    orig_size: tuple[int, int]  # (width, height) of the source image: the logic's frame
 
 
 @dataclass
@@ -39,12 +50,15 @@ class Batch:
     images: Tensor  # float [B, 3, S, S] in [0, 1]
     samples: list[Sample]
     skipped: int = 0  # unreadable images dropped from this batch
-    extra: dict = field(default_factory=dict)
+
+    def texts(self) -> list[tuple[int, Text]]:
+        """(local image index, text) for every text of the batch, in order."""
+        return [(i, t) for i, s in enumerate(self.samples) for t in s.texts]
 
 
 class TrainSet(torch.utils.data.Dataset):
-    def __init__(self, ds: Dataset, split: str, image_size: int, hflip: float, seed: int = 0):
-        self.ds, self.size, self.hflip, self.seed = ds, image_size, hflip, seed
+    def __init__(self, ds: Dataset, split: str, image_size: int, hflip: float, seed: int = 0, composed: int = 0):
+        self.ds, self.size, self.hflip, self.seed, self.composed = ds, image_size, hflip, seed, composed
         self.categories = sorted({i.category for i in ds.instances.values()})
         self.cat_index = {c: n for n, c in enumerate(self.categories)}
         by_image: dict[int, list] = {}
@@ -72,26 +86,27 @@ class TrainSet(torch.utils.data.Dataset):
                 img.load()
         except (OSError, ValueError):
             return None  # counted by the collate function
-        w, h = img.size
-        if (w, h) != (self.size, self.size):
+        if img.size != (self.size, self.size):
             img = img.resize((self.size, self.size), PILImage.BILINEAR)
         arr = np.array(img, dtype=np.uint8)  # a writable copy
         insts = self.instances[image_id]
+        ids = [i.id for i in insts]
         boxes = np.array([i.box for i in insts], dtype=np.float32).reshape(-1, 4)
         boxes[:, [0, 2]] /= max(meta.width, 1)
         boxes[:, [1, 3]] /= max(meta.height, 1)
         expr = self.exprs[image_id][int(rng.integers(len(self.exprs[image_id])))]
-        text, logic = expr.text, expr.logic
-        objects = None
-        if all(i.attributes for i in insts):
-            objects = [SceneObject(**i.attributes, box=i.box) for i in insts]
+        objects = [SceneObject(**i.attributes, box=i.box) for i in insts] if all(i.attributes for i in insts) else None
         flipped = bool(rng.random() < self.hflip)
+        text, logic = expr.text, expr.logic
         if flipped:
-            arr = arr[:, ::-1]
+            arr = np.ascontiguousarray(arr[:, ::-1])
             boxes[:, [0, 2]] = 1.0 - boxes[:, [2, 0]]
             text = swap_left_right(text)
             logic = mirror_logic(logic) if logic else None
             objects = [mirror_object(o, meta.width) for o in objects] if objects else None
+        texts = [Text(text, ids.index(expr.instance_id), logic)]
+        if objects and self.composed:
+            texts += self._compose(objects, meta.width, meta.height, rng, exclude=texts[0].target)
         cxcywh = np.stack(
             [
                 (boxes[:, 0] + boxes[:, 2]) / 2,
@@ -102,17 +117,26 @@ class TrainSet(torch.utils.data.Dataset):
             -1,
         )
         return Sample(
-            image=torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1),
+            image=torch.from_numpy(arr).permute(2, 0, 1),
             boxes=torch.from_numpy(cxcywh),
             labels=torch.tensor([self.cat_index[i.category] for i in insts], dtype=torch.long),
-            target=[i.id for i in insts].index(expr.instance_id),
-            text=text,
-            expr_id=expr.id,
-            flipped=flipped,
+            texts=texts,
             objects=objects,
-            logic=logic,
             orig_size=(meta.width, meta.height),
         )
+
+    def _compose(
+        self, objects: list[SceneObject], w: int, h: int, rng: np.random.Generator, exclude: int
+    ) -> list[Text]:
+        """Expressions for other objects of the (already flipped) scene: their logic is in its frame."""
+        comp, phr = Composer(objects, w, h, rng), Phraser(rng)
+        others = [i for i in range(len(objects)) if i != exclude]
+        out = []
+        for t in rng.permutation(others)[: self.composed]:
+            logic = comp.describe(int(t), choose_construct(rng))
+            if logic is not None:
+                out.append(Text(phr.render(logic), int(t), logic))
+        return out
 
 
 def collate(samples: list[Sample | None]) -> Batch:
@@ -121,22 +145,33 @@ def collate(samples: list[Sample | None]) -> Batch:
     return Batch(images=images, samples=kept, skipped=len(samples) - len(kept))
 
 
-def positives(local: list[Sample], texts: list[tuple[dict | None, int]], offset: int) -> list[list[list[int]]]:
+def positives(local: list[Sample], texts: list[tuple[dict | None, int | None]], offset: int) -> list[list[list[int]]]:
     """[local image][global text] -> objects of that image the text is true of.
 
-    texts: the global batch's (logical form as presented, expression id); offset: where
-    this rank's texts start. Without logical forms (real data) only the image's own
-    text is positive, for its referred object: the paper's labels.
+    texts: the global batch's (logical form as presented, owner) where owner is the text's
+    local image index on its own rank; offset: where this rank's texts start. A text is
+    always positive for its own target; without logical forms (real data) that is all:
+    the paper's labels.
     """
+    own: dict[int, tuple[int, int]] = {}
+    k = offset
+    for i, s in enumerate(local):
+        for t in s.texts:
+            own[k] = (i, t.target)
+            k += 1
     out = []
     for i, s in enumerate(local):
         row = []
         for k, (logic, _) in enumerate(texts):
-            if k == offset + i:
-                row.append([s.target])
-            elif logic is not None and s.objects is not None:
-                row.append(satisfying(logic, s.objects, *s.orig_size))
+            if k in own:
+                row.append([own[k][1]] if own[k][0] == i else _true_in(logic, s))
             else:
-                row.append([])
+                row.append(_true_in(logic, s))
         out.append(row)
     return out
+
+
+def _true_in(logic: dict | None, s: Sample) -> list[int]:
+    if logic is None or s.objects is None:
+        return []
+    return satisfying(logic, s.objects, *s.orig_size)

@@ -36,7 +36,7 @@ class CLARE(nn.Module):
         self.encoder = Encoder(EncoderLayer(d, cfg.heads, cfg.ffn, cfg.dropout), cfg.enc_layers)
         self.proposals = ProposalSelector(d, cfg.num_queries)
         layer = DecoderLayer(d, cfg.heads, cfg.ffn, cfg.dropout, cfg.relation_context)
-        self.decoder = Decoder(layer, cfg.dec_layers, d)
+        self.decoder = Decoder(layer, cfg.dec_layers, d, cfg.box_features)
         self.objectness = nn.ModuleList(nn.Linear(d, 1) for _ in range(cfg.dec_layers))
         for head in self.objectness:
             nn.init.constant_(head.bias, -math.log((1 - PRIOR) / PRIOR))
@@ -52,11 +52,14 @@ class CLARE(nn.Module):
 
     def encode_image(self, images: Tensor) -> dict[str, Tensor | list[Tensor]]:
         """images: RGB in [0, 1], [B, 3, H, W]. Boxes are normalised cxcywh."""
-        tokens, pos, shapes = self.neck(self.backbone(images))
+        tokens, pos, shapes, fine = self.neck(self.backbone(images))
         pos = pos.unsqueeze(0)
         memory = self.encoder(tokens, pos)
         prop = self.proposals(memory, shapes)
-        hidden, boxes = self.decoder(prop["tgt"], prop["ref"], memory, pos)
+        # The encoder's refined finest level: its tokens come first in `memory`.
+        h, w = shapes[0]
+        fine = memory[:, : h * w].transpose(1, 2).reshape(fine.shape)
+        hidden, boxes = self.decoder(prop["tgt"], prop["ref"], memory, pos, fine)
         return {
             "embeddings": hidden,  # per layer [B, Q, d]; the instance embedding is the raw state
             "boxes": boxes,

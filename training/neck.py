@@ -43,8 +43,9 @@ class Neck(nn.Module):
         nn.init.normal_(self.level_embed, std=0.02)
         self.d = d
 
-    def forward(self, feats: list[Tensor]) -> tuple[Tensor, Tensor, list[tuple[int, int]]]:
-        """-> tokens [B, N, d], positions [N, d] (shared across the batch), level shapes."""
+    def forward(self, feats: list[Tensor]) -> tuple[Tensor, Tensor, list[tuple[int, int]], Tensor]:
+        """-> tokens [B, N, d], positions [N, d] (shared across the batch), level shapes,
+        and the finest projected map [B, d, H, W] (for box-pooled features)."""
         maps = [p(f) for p, f in zip(self.proj, feats, strict=True)]
         last = feats[-1]
         for e in self.extra:
@@ -56,4 +57,4 @@ class Neck(nn.Module):
             tokens.append(m.flatten(2).transpose(1, 2))
             pos.append(sine_position(h, w, d, m.device) + self.level_embed[lvl])
             shapes.append((h, w))
-        return torch.cat(tokens, 1), torch.cat(pos, 0), shapes
+        return torch.cat(tokens, 1), torch.cat(pos, 0), shapes, maps[0]

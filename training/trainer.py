@@ -81,13 +81,16 @@ class Trainer:
         self.run_dir = Path(cfg.out_dir) / cfg.name
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.ds = load_dataset(prepare_data(cfg, self.rank))
-        self.train_set = TrainSet(self.ds, cfg.data.train_split, cfg.model.image_size, cfg.data.hflip, cfg.seed)
+        self.train_set = TrainSet(
+            self.ds, cfg.data.train_split, cfg.model.image_size, cfg.data.hflip, cfg.seed, cfg.data.composed
+        )
         self.model = build_model(cfg.model)
         if cfg.train.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.criterion = SetCriterion(cfg.loss, cfg.model.dec_layers)
         self.tokenizer = load_tokenizer(cfg.model.text)
         self.skipped = 0
+        self.sentence_cache: dict[str, torch.Tensor] = {}
 
     # -- data -----------------------------------------------------------------------
     def batches(self, epoch0: int):
@@ -111,7 +114,8 @@ class Trainer:
 
     def targets(self, batch) -> Targets:
         samples = batch.samples
-        local = [(s.logic if self.cfg.loss.multi_positive else None, s.expr_id) for s in samples]
+        texts_of = batch.texts()
+        local = [(t.logic if self.cfg.loss.multi_positive else None, i) for i, t in texts_of]
         offset = 0
         if self.world > 1:
             gathered: list = [None] * self.world
@@ -123,7 +127,8 @@ class Trainer:
         return Targets(
             boxes=[s.boxes for s in samples],
             labels=[s.labels for s in samples],
-            target=[s.target for s in samples],
+            text_image=[i for i, _ in texts_of],
+            text_target=[t.target for _, t in texts_of],
             positives=positives(samples, texts, offset),
         )
 
@@ -132,18 +137,29 @@ class Trainer:
         images = batch.images
         if self.cfg.train.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        texts = [s.text for s in batch.samples]
+        texts = [t.text for _, t in batch.texts()]
         names = self.train_set.categories if stage.detection else []
-        enc = tokenize(self.tokenizer, texts + names, self.cfg.model.text.max_length)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.cfg.train.bf16):
             outputs = self.model.encode_image(images)
-            sentences = self.model.encode_sentence(enc["input_ids"], enc["attention_mask"])
-            per_layer = self.model.queries(sentences)
+            per_layer = self.model.queries(self.sentences(texts + names))
         n = len(texts)
         queries = [q[:n].float() for q in per_layer]
         categories = [q[n:].float() for q in per_layer] if names else None
         outputs = {k: [t.float() for t in v] if isinstance(v, list) else v.float() for k, v in outputs.items()}
         return self.criterion(outputs, queries, self.targets(batch), stage, categories)
+
+    def sentences(self, texts: list[str]) -> torch.Tensor:
+        """Sentence embeddings; memoised per text while the whole text encoder is frozen."""
+        if any(p.requires_grad for p in self.model.text.parameters()):
+            enc = tokenize(self.tokenizer, texts, self.cfg.model.text.max_length)
+            return self.model.encode_sentence(enc["input_ids"], enc["attention_mask"])
+        missing = sorted({t for t in texts if t not in self.sentence_cache})
+        if missing:
+            enc = tokenize(self.tokenizer, missing, self.cfg.model.text.max_length)
+            with torch.no_grad():
+                emb = self.model.encode_sentence(enc["input_ids"], enc["attention_mask"]).float()
+            self.sentence_cache.update(zip(missing, emb, strict=True))
+        return torch.stack([self.sentence_cache[t] for t in texts])
 
     # -- the loop ---------------------------------------------------------------------
     def fit(self, resume: bool = False) -> Path:

@@ -18,6 +18,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from .roi import roi_pool
+
 
 def inverse_sigmoid(x: Tensor, eps: float = 1e-5) -> Tensor:
     x = x.clamp(eps, 1 - eps)
@@ -120,9 +122,11 @@ class DecoderLayer(nn.Module):
 class Decoder(nn.Module):
     """Returns per layer: hidden states [B, Q, d] and boxes [B, Q, 4] (normalised cxcywh)."""
 
-    def __init__(self, layer: DecoderLayer, n: int, d: int):
+    def __init__(self, layer: DecoderLayer, n: int, d: int, box_features: bool = True):
         super().__init__()
         self.layers = nn.ModuleList(copy.deepcopy(layer) for _ in range(n))
+        # Box-pooled appearance added to the queries before every layer (training/roi.py).
+        self.roi_proj = nn.ModuleList(nn.Linear(d, d) for _ in range(n)) if box_features else None
         self.box_heads = nn.ModuleList(MLP(d, d, 4, 3) for _ in range(n))
         for head in self.box_heads:
             nn.init.zeros_(head.layers[-1].weight)
@@ -130,12 +134,16 @@ class Decoder(nn.Module):
         self.query_pos = MLP(d, d, d, 2)
         self.d = d
 
-    def forward(self, tgt: Tensor, ref: Tensor, memory: Tensor, mpos: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+    def forward(
+        self, tgt: Tensor, ref: Tensor, memory: Tensor, mpos: Tensor, feature_map: Tensor | None = None
+    ) -> tuple[list[Tensor], list[Tensor]]:
         hidden, boxes = [], []
         ref_in = ref.detach()
         prev_undetached = ref
-        for layer, head in zip(self.layers, self.box_heads, strict=True):
+        for i, (layer, head) in enumerate(zip(self.layers, self.box_heads, strict=True)):
             qpos = self.query_pos(box_sine(ref_in, self.d))
+            if self.roi_proj is not None and feature_map is not None:
+                tgt = tgt + self.roi_proj[i](roi_pool(feature_map, ref_in))
             tgt = layer(tgt, qpos, memory, mpos, ref_in)
             delta = head(tgt)
             # Look forward twice: the loss sees the box refined from the previous layer's

@@ -1,0 +1,65 @@
+"""Training data: flips keep text, boxes and logical forms consistent; CLIA labels are exact."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch", reason="torch not installed (training extra)")
+
+from reir.engine.data import load_dataset  # noqa: E402
+from reir.engine.synth.logic import satisfying  # noqa: E402
+from reir.training.clia import clia_labels  # noqa: E402
+from reir.training.data import TrainSet, collate, positives  # noqa: E402
+
+
+def test_flipped_samples_stay_true(synth_small):
+    ds = load_dataset(synth_small)
+    always = TrainSet(ds, "train", 128, hflip=1.0, composed=3)
+    never = TrainSet(ds, "train", 128, hflip=0.0, composed=3)
+    n_texts = 0
+    for idx in range(20):
+        a, b = always[idx], never[idx]
+        assert torch.equal(a.image, b.image.flip(-1))
+        torch.testing.assert_close(a.boxes[:, 0], 1 - b.boxes[:, 0])
+        for t in a.texts:  # every text (dataset or composed) is true of exactly its target
+            assert satisfying(t.logic, a.objects, *a.orig_size) == [t.target], t.text
+            n_texts += 1
+        first_a, first_b = a.texts[0].text, b.texts[0].text
+        if "left" in first_b.split():
+            assert "right" in first_a.split()
+    assert n_texts > 40  # composed expressions really are added
+
+
+def test_positives_and_clia_labels(synth_small):
+    ds = load_dataset(synth_small)
+    ts = TrainSet(ds, "train", 128, hflip=0.5, composed=2)
+    batch = collate([ts[i] for i in range(6)])
+    texts = [(t.logic, i) for i, t in batch.texts()]
+    pos = positives(batch.samples, texts, 0)
+    k = 0
+    for i, s in enumerate(batch.samples):
+        for t in s.texts:
+            assert pos[i][k] == [t.target]  # own text: its target
+            for j, other in enumerate(batch.samples):  # other images: exactly where the logic holds
+                if j != i:
+                    assert pos[j][k] == satisfying(t.logic, other.objects, *other.orig_size)
+            k += 1
+    owners = [torch.eye(len(s.boxes))[:, : len(s.boxes)] for s in batch.samples]  # query q <-> object q
+    q = max(len(s.boxes) for s in batch.samples)
+    owners = [torch.nn.functional.pad(o, (0, 0, 0, q - len(o))) for o in owners]
+    labels = clia_labels(owners, pos, len(texts))
+    for i in range(len(batch.samples)):
+        for k in range(len(texts)):
+            assert set(torch.nonzero(labels[i, :, k]).flatten().tolist()) == set(pos[i][k])
+
+
+def test_unreadable_images_are_skipped(synth_small, tmp_path):
+    import shutil
+
+    copy = tmp_path / "d"
+    shutil.copytree(synth_small, copy)
+    ds = load_dataset(copy)
+    ts = TrainSet(ds, "train", 128, hflip=0.0)
+    ds.image_path(ts.image_ids[0]).write_bytes(b"not a png")
+    batch = collate([ts[0], ts[1]])
+    assert batch.skipped == 1 and len(batch.samples) == 1
