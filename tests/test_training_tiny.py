@@ -11,7 +11,6 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="torch not installed (training extra)")
 
-from reir.engine.data import load_dataset  # noqa: E402
 from reir.engine.metrics import pairwise_iou  # noqa: E402
 from reir.engine.synth import SynthConfig, generate  # noqa: E402
 
@@ -67,7 +66,7 @@ def test_resume_continues_the_same_schedule(tiny_run, tmp_path):
     from reir.training.config import load_config
     from reir.training.trainer import Trainer
 
-    cfg, trainer, _ = tiny_run
+    cfg, _, _ = tiny_run
     stages = [{"name": "a", "steps": 4, "warmup": 1}, {"name": "b", "steps": 2, "warmup": 1, "clia": True}]
     over = {"out_dir": str(tmp_path), "data.root": cfg.data.root, "train.stages": stages, "train.ckpt_every": 2}
     first = Trainer(load_config(CONFIG, {**over, "train.stages": stages[:1]}), progress=False)
