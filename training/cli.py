@@ -39,7 +39,8 @@ def _train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, _overrides(args.set))
     trainer = Trainer(cfg, progress=not args.quiet)
     final = trainer.fit(resume=args.resume)
-    print(f"wrote {final}")
+    if trainer.rank == 0:
+        print(f"wrote {final}")
     if args.eval and trainer.rank == 0:
         report = evaluate_model(trainer.model, trainer.tokenizer, trainer.ds, cfg.eval.split, cfg.eval, not args.quiet)
         print(report.table())

