@@ -2,7 +2,8 @@
 
 As the CLARE code's `clean_string`: lower-case; delete . , ' ! ? " ( ) * # : ;
 replace - and / with a space; collapse whitespace. Horizontal flips swap left/right
-words (`swap_left_right`), so training augmentation keeps the text true.
+words (`swap_left_right`), so training augmentation keeps the text true. (The paper also
+disables random crops for ordinal expressions; we do not crop.)
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ _DELETE = str.maketrans("", "", ".,'!?\"()*#:;")
 _SPACE = str.maketrans({"-": " ", "/": " "})
 _LR = {"left": "right", "right": "left", "leftmost": "rightmost", "rightmost": "leftmost"}
 _LR_RE = re.compile(r"\b(" + "|".join(_LR) + r")\b")
-ORDINALS = ("first", "second", "third", "fourth", "fifth", "sixth", "seventh", "eighth", "ninth", "tenth")
 
 
 def clean_expression(text: str) -> str:
@@ -23,9 +23,3 @@ def clean_expression(text: str) -> str:
 def swap_left_right(text: str) -> str:
     """The expression that is true of the mirrored image ("left" <-> "right")."""
     return _LR_RE.sub(lambda m: _LR[m.group(1)], text)
-
-
-def has_ordinal(text: str) -> bool:
-    """Random crops are disabled for ordinal expressions ("the second from the left")."""
-    words = set(text.split())
-    return any(o in words for o in ORDINALS)

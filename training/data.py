@@ -56,6 +56,18 @@ class Batch:
         return [(i, t) for i, s in enumerate(self.samples) for t in s.texts]
 
 
+def load_rgb(path, size: int) -> np.ndarray | None:
+    """RGB uint8 [size, size, 3] (square resize), or None when the file cannot be read."""
+    try:
+        with PILImage.open(path) as f:
+            img = f.convert("RGB")
+            if img.size != (size, size):
+                img = img.resize((size, size), PILImage.BILINEAR)
+            return np.array(img, dtype=np.uint8)  # a writable copy
+    except (OSError, ValueError):
+        return None
+
+
 class TrainSet(torch.utils.data.Dataset):
     def __init__(self, ds: Dataset, split: str, image_size: int, hflip: float, seed: int = 0, composed: int = 0):
         self.ds, self.size, self.hflip, self.seed, self.composed = ds, image_size, hflip, seed, composed
@@ -80,15 +92,9 @@ class TrainSet(torch.utils.data.Dataset):
         rng = np.random.default_rng([self.seed, self.epoch, idx])
         image_id = self.image_ids[idx]
         meta = self.ds.images[image_id]
-        try:
-            with PILImage.open(self.ds.image_path(image_id)) as f:
-                img = f.convert("RGB")
-                img.load()
-        except (OSError, ValueError):
+        arr = load_rgb(self.ds.image_path(image_id), self.size)
+        if arr is None:
             return None  # counted by the collate function
-        if img.size != (self.size, self.size):
-            img = img.resize((self.size, self.size), PILImage.BILINEAR)
-        arr = np.array(img, dtype=np.uint8)  # a writable copy
         insts = self.instances[image_id]
         ids = [i.id for i in insts]
         boxes = np.array([i.box for i in insts], dtype=np.float32).reshape(-1, 4)

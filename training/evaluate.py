@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image as PILImage
 from tqdm import tqdm
 
 from reir.engine.data import Dataset
@@ -22,6 +21,7 @@ from reir.engine.metrics import GalleryArrays, Report, evaluate, rank_gallery
 
 from .box_ops import cxcywh_to_xyxy, nms
 from .config import EvalConfig
+from .data import load_rgb
 from .model import CLARE
 from .text import tokenize
 
@@ -35,17 +35,6 @@ class ImageFeatures:
     keep: np.ndarray  # indices of the gallery candidates (NMS + top-k by objectness)
 
 
-def load_image(ds: Dataset, image_id: int, size: int) -> np.ndarray | None:
-    try:
-        with PILImage.open(ds.image_path(image_id)) as f:
-            img = f.convert("RGB")
-            if img.size != (size, size):
-                img = img.resize((size, size), PILImage.BILINEAR)
-            return np.asarray(img, dtype=np.uint8)
-    except (OSError, ValueError):
-        return None
-
-
 @torch.no_grad()
 def encode_gallery(
     model: CLARE, ds: Dataset, image_ids: list[int], cfg: EvalConfig, batch: int = 32, progress: bool = True
@@ -55,7 +44,7 @@ def encode_gallery(
     out: dict[int, ImageFeatures] = {}
     for start in tqdm(range(0, len(image_ids), batch), desc="gallery", disable=not progress, unit="batch"):
         ids = image_ids[start : start + batch]
-        arrays = [(i, load_image(ds, i, size)) for i in ids]
+        arrays = [(i, load_rgb(ds.image_path(i), size)) for i in ids]
         arrays = [(i, a) for i, a in arrays if a is not None]
         if not arrays:
             continue

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 
-import torch
 from torch import Tensor, nn
 
 from .backbone import build_backbone
@@ -86,8 +85,3 @@ def build_model(cfg: ModelConfig) -> CLARE:
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
-
-
-def score(queries: Tensor, embeddings: Tensor) -> Tensor:
-    """<T, o>: [B, D] x [B, Q, D] -> [B, Q] (each query against its own image)."""
-    return torch.einsum("bd,bqd->bq", queries, embeddings)

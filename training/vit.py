@@ -8,8 +8,6 @@ embeddings are interpolated to the input size (timm's dynamic_img_size). No down
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -102,7 +100,3 @@ def load_vit_weights(model: ViTPyramid, path: str) -> list[str]:
     state = {k.removeprefix("trunk.").removeprefix("visual."): v for k, v in state.items()}
     missing, _ = model.load_state_dict(state, strict=False)
     return [k for k in missing if not k.startswith("up.")]
-
-
-def num_patches(size: int, patch: int = 16) -> int:
-    return math.ceil(size / patch) ** 2
