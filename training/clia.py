@@ -28,11 +28,8 @@ class _AllGather(torch.autograd.Function):
     (all-reduce of the full gradient, then this rank's slice)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:
+    def forward(ctx, x: Tensor, sizes: list[int]) -> Tensor:
         world = dist.get_world_size()
-        sizes = [torch.zeros(1, dtype=torch.long) for _ in range(world)]
-        dist.all_gather(sizes, torch.tensor([x.shape[0]], dtype=torch.long))
-        sizes = [int(s) for s in sizes]
         padded = torch.zeros((max(sizes), *x.shape[1:]), dtype=x.dtype)
         padded[: x.shape[0]] = x
         parts = [torch.empty_like(padded) for _ in range(world)]
@@ -45,16 +42,17 @@ class _AllGather(torch.autograd.Function):
     def backward(ctx, grad: Tensor) -> Tensor:
         grad = grad.contiguous().clone()
         dist.all_reduce(grad)
-        return grad[ctx.start : ctx.stop]
+        return grad[ctx.start : ctx.stop], None
 
 
 def gather_with_grad(x: Tensor) -> tuple[Tensor, int]:
     """All ranks' rows of x, differentiable; and where this rank's rows start."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x, 0
-    sizes = [torch.zeros(1, dtype=torch.long) for _ in range(dist.get_world_size())]
-    dist.all_gather(sizes, torch.tensor([x.shape[0]], dtype=torch.long))
-    return _AllGather.apply(x), int(sum(int(s) for s in sizes[: dist.get_rank()]))
+    counts = [torch.zeros(1, dtype=torch.long) for _ in range(dist.get_world_size())]
+    dist.all_gather(counts, torch.tensor([x.shape[0]], dtype=torch.long))
+    sizes = [int(c) for c in counts]  # rows per rank, gathered once for both uses
+    return _AllGather.apply(x, sizes), sum(sizes[: dist.get_rank()])
 
 
 class CLIALoss(nn.Module):
