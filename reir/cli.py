@@ -70,8 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval", action="store_true", help="evaluate the final checkpoint on the recipe's eval split")
     p.add_argument("--quiet", action="store_true")
 
-    p = sub.add_parser("eval", help="evaluate a checkpoint with the text-free gallery protocol")
-    p.add_argument("checkpoint", type=Path)
+    p = sub.add_parser("eval", help="evaluate a checkpoint (PyTorch) or a bundle (the engine) on a dataset")
+    p.add_argument("checkpoint", type=Path, nargs="?", help="a training checkpoint; or pass --bundle")
+    p.add_argument("--bundle", type=Path, help="evaluate an exported bundle through the engine (no torch)")
     p.add_argument("--data", type=Path, required=True, help="canonical dataset directory")
     p.add_argument("--split", default="test")
     p.add_argument("--gallery-images", type=int, default=0, help="first N gallery images only (0 = all)")
@@ -79,10 +80,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--md", type=Path, help="write the report as a markdown table")
     p.add_argument("--quiet", action="store_true")
 
+    from reir.engine.cli import add_parsers as add_engine_parsers
+    from reir.export.cli import add_parser as add_export_parser
+
+    add_export_parser(sub)
+    add_engine_parsers(sub)
+
     p = sub.add_parser("demo", help="the main job: generate, index and query a synthetic gallery")
     p.add_argument("--out", type=Path, default=Path("reir-demo"))
     p.add_argument("--images", type=int, default=300)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--bundle", type=Path, help="default: the model shipped with the package")
+    p.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (0: its default)")
     return parser
 
 
@@ -185,8 +194,10 @@ def _convert(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from reir.engine.bundle import BundleError
     from reir.engine.data import DataError
     from reir.engine.fsutil import OutputExistsError
+    from reir.engine.gallery import GalleryError
 
     try:
         if args.command == "synth":
@@ -197,11 +208,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             from reir.training.cli import run
 
             return run(args)
+        if args.command in ("index", "search", "gallery") or (args.command == "eval" and args.bundle):
+            from reir.engine.cli import run as run_engine
+
+            return run_engine(args)
+        if args.command == "export":
+            from reir.export.cli import run as run_export
+
+            return run_export(args)
         if args.command == "demo":
             from reir.demo import run_demo
 
-            return run_demo(args.out, images=args.images, seed=args.seed)
-    except (CLIError, DataError, OutputExistsError) as e:
+            return run_demo(args.out, images=args.images, seed=args.seed, bundle=args.bundle, threads=args.threads)
+    except (CLIError, DataError, OutputExistsError, BundleError, GalleryError) as e:
         print(f"reir: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

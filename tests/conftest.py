@@ -18,3 +18,31 @@ def synth_small(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("synth") / "data"
     generate(out, SynthConfig(images=120, seed=7), progress=False)
     return out
+
+
+TINY_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "synth_tiny.yaml"
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """The synth_tiny recipe trained once (about 2 minutes): (config, trainer, final checkpoint)."""
+    pytest.importorskip("torch", reason="torch not installed (training extra)")
+    from reir.training.config import load_config
+    from reir.training.trainer import Trainer
+
+    root = tmp_path_factory.mktemp("tiny")
+    cfg = load_config(TINY_CONFIG, {"out_dir": str(root / "runs"), "data.root": str(root / "data")})
+    trainer = Trainer(cfg, progress=False)
+    final = trainer.fit()
+    return cfg, trainer, final
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny_run, tmp_path_factory) -> Path:
+    """The tiny model exported to an fp32 bundle (its accuracy gates ran during export)."""
+    pytest.importorskip("onnx", reason="onnx not installed (export extra)")
+    from reir.export.bundle import export_bundle
+
+    out = tmp_path_factory.mktemp("bundle") / "tiny"
+    export_bundle(tiny_run[2], out, probe_images=300, log=lambda *_: None)
+    return out

@@ -4,29 +4,16 @@ expressions far better than picking a random candidate, on a freshly generated s
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch", reason="torch not installed (training extra)")
 
+from conftest import TINY_CONFIG as CONFIG  # noqa: E402
+
 from reir.engine.metrics import pairwise_iou  # noqa: E402
 from reir.engine.synth import SynthConfig, generate  # noqa: E402
-
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "synth_tiny.yaml"
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    from reir.training.config import load_config
-    from reir.training.trainer import Trainer
-
-    root = tmp_path_factory.mktemp("tiny")
-    cfg = load_config(CONFIG, {"out_dir": str(root / "runs"), "data.root": str(root / "data")})
-    trainer = Trainer(cfg, progress=False)
-    final = trainer.fit()
-    return cfg, trainer, final
 
 
 def test_loss_falls_and_checkpoint_is_complete(tiny_run):
@@ -42,20 +29,27 @@ def test_loss_falls_and_checkpoint_is_complete(tiny_run):
 
 
 def test_rec_beats_random_candidates_on_fresh_data(tiny_run, tmp_path):
-    from reir.training.evaluate import encode_gallery, encode_queries, rec_box
+    from reir.engine.protocol import encode_gallery
+    from reir.training.evaluate import torch_detector, torch_text_encoder
 
     cfg, trainer, _ = tiny_run
     fresh, _ = generate(tmp_path / "fresh", SynthConfig(images=150, seed=1234, fractions=(0, 0, 1)), progress=False)
     exprs = sorted(fresh.split_expressions("test"), key=lambda e: e.id)
     ids = sorted({fresh.instances[e.instance_id].image_id for e in exprs})
-    feats = encode_gallery(trainer.model, fresh, ids, cfg.eval, progress=False)
-    queries = encode_queries(trainer.model, trainer.tokenizer, [e.text for e in exprs])
+    size = cfg.model.image_size
+    found, problems = encode_gallery(
+        torch_detector(trainer.model, cfg.eval), [fresh.image_path(i) for i in ids], (size, size), progress=False
+    )
+    assert not problems and all(d is not None for d in found)
+    dets = dict(zip(ids, found, strict=True))
+    queries = torch_text_encoder(trainer.model, trainer.tokenizer)([e.text for e in exprs])
     hit, chance = [], []
     for e, q in zip(exprs, queries, strict=True):
-        f = feats[fresh.instances[e.instance_id].image_id]
+        d = dets[fresh.instances[e.instance_id].image_id]
         gt = np.asarray(fresh.instances[e.instance_id].box)[None]
-        hit.append(pairwise_iou(rec_box(f, q, cfg.eval.nms_iou)[None], gt)[0, 0] >= 0.5)
-        chance.append(float((pairwise_iou(f.boxes[f.keep], gt)[:, 0] >= 0.5).mean()))
+        best = d.boxes[int(np.argmax(d.embeddings @ q))]
+        hit.append(pairwise_iou(best[None], gt)[0, 0] >= 0.5)
+        chance.append(float((pairwise_iou(d.boxes, gt)[:, 0] >= 0.5).mean()))
     rec, base = float(np.mean(hit)), float(np.mean(chance))
     print(f"REC@0.5 {rec:.3f} vs random candidate {base:.3f} over {len(exprs)} fresh expressions")
     assert rec >= max(2.5 * base, base + 0.12)

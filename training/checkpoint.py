@@ -6,13 +6,13 @@ from another model config fails with the fields that differ.
 
 from __future__ import annotations
 
-import os
 import platform
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from reir.engine.fsutil import atomic_file
 
 from .config import Config, ConfigError, diff_configs, from_dict
 
@@ -46,16 +46,8 @@ def save_checkpoint(path: Path, cfg: Config, model: torch.nn.Module, extra: dict
         "versions": versions(),
         **(extra or {}),
     }
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_file(path) as tmp:
         torch.save(state, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def load_checkpoint(path: Path) -> tuple[Config, dict[str, Any]]:
@@ -80,3 +72,16 @@ def check_compatible(path: Path, saved: dict[str, Any], cfg: Config) -> None:
     diffs = diff_configs(saved["config"]["model"], cfg.to_dict()["model"], "model.")
     if diffs:
         raise CheckpointError(f"{path}: made with a different model config: " + "; ".join(diffs))
+
+
+def load_model(path: Path):
+    """(config, model in eval mode) from a checkpoint; errors name the file and the problem."""
+    from .model import build_model
+
+    cfg, state = load_checkpoint(path)
+    model = build_model(cfg.model)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: weights do not fit the model its config builds ({str(e)[:300]})") from None
+    return cfg, model.eval()

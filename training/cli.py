@@ -10,7 +10,7 @@ import yaml
 
 from reir.engine.fsutil import write_json_atomic
 
-from .checkpoint import CheckpointError, load_checkpoint
+from .checkpoint import CheckpointError, load_model
 from .config import ConfigError, load_config
 
 
@@ -52,15 +52,11 @@ def _eval(args: argparse.Namespace) -> int:
     from reir.engine.data import load_dataset
 
     from .evaluate import evaluate_model
-    from .model import build_model
     from .text import load_tokenizer
 
-    cfg, state = load_checkpoint(args.checkpoint)
-    model = build_model(cfg.model)
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as e:
-        raise CheckpointError(f"{args.checkpoint}: weights do not fit the model its config builds ({e})") from None
+    if args.checkpoint is None:
+        raise CheckpointError("reir eval: pass a CHECKPOINT (PyTorch) or --bundle BUNDLE (the engine)")
+    cfg, model = load_model(args.checkpoint)
     if args.gallery_images:
         cfg.eval.gallery_images = args.gallery_images
     ds = load_dataset(args.data)

@@ -96,6 +96,7 @@ class StageConfig:
     detection: bool = True
     rec: bool = True
     clia: bool = False
+    train_text: bool = True  # False: the whole text encoder is frozen (and memoised) for this stage
 
 
 @dataclass

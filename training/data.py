@@ -17,10 +17,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image as PILImage
 from torch import Tensor
 
 from reir.engine.data import Dataset
+from reir.engine.image import load_rgb
 from reir.engine.synth.compose import Composer, choose_construct
 from reir.engine.synth.grammar import Phraser
 from reir.engine.synth.logic import mirror_logic, mirror_object, satisfying
@@ -54,18 +54,6 @@ class Batch:
     def texts(self) -> list[tuple[int, Text]]:
         """(local image index, text) for every text of the batch, in order."""
         return [(i, t) for i, s in enumerate(self.samples) for t in s.texts]
-
-
-def load_rgb(path, size: int) -> np.ndarray | None:
-    """RGB uint8 [size, size, 3] (square resize), or None when the file cannot be read."""
-    try:
-        with PILImage.open(path) as f:
-            img = f.convert("RGB")
-            if img.size != (size, size):
-                img = img.resize((size, size), PILImage.BILINEAR)
-            return np.array(img, dtype=np.uint8)  # a writable copy
-    except (OSError, ValueError):
-        return None
 
 
 class TrainSet(torch.utils.data.Dataset):

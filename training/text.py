@@ -59,6 +59,7 @@ class TextEncoder(nn.Module):
         from transformers import AutoConfig, AutoModel, BertConfig, BertModel, SiglipTextConfig, SiglipTextModel
 
         path = encoder_path(cfg)
+        self.scratch = cfg.encoder in SCRATCH
         self.siglip = cfg.encoder == "siglip_b16_scratch"
         if self.siglip:
             # SigLIP ViT-B/16 text tower sizes (clare.md §4.2), random weights: shapes and tests.
@@ -86,20 +87,24 @@ class TextEncoder(nn.Module):
         elif AutoConfig.from_pretrained(str(path), local_files_only=True).model_type == "siglip":
             self.siglip = True
             self.model = SiglipTextModel.from_pretrained(str(path), local_files_only=True)
-            self._freeze(cfg.trainable_layers)
+            self.freeze(cfg.trainable_layers)
         else:
             self.model = AutoModel.from_pretrained(str(path), local_files_only=True)
-            self._freeze(cfg.trainable_layers)
+            self.freeze(cfg.trainable_layers)
         self.dim = getattr(self.model.config, "projection_size", None) or self.model.config.hidden_size
 
-    def _freeze(self, trainable_layers: int) -> None:
-        if trainable_layers < 0:
-            return
+    def freeze(self, trainable_layers: int) -> None:
+        """Train only the top `trainable_layers` layers (-1: all; 0: none). A scratch encoder
+        has nothing pretrained to protect, so it trains fully unless frozen outright."""
+        if self.scratch and trainable_layers != 0:
+            trainable_layers = -1
         for p in self.model.parameters():
-            p.requires_grad_(False)
+            p.requires_grad_(trainable_layers < 0)
+        if trainable_layers <= 0:
+            return
         encoder = self.model.text_model.encoder if self.siglip else self.model.encoder
         layers = encoder.layers if self.siglip else encoder.layer
-        for layer in list(layers)[len(layers) - trainable_layers :] if trainable_layers else []:
+        for layer in list(layers)[len(layers) - trainable_layers :]:
             for p in layer.parameters():
                 p.requires_grad_(True)
 

@@ -176,6 +176,8 @@ class Trainer:
         for si, stage in enumerate(cfg.train.stages):
             if si < start_stage:
                 continue
+            self.model.text.freeze(cfg.model.text.trainable_layers if stage.train_text else 0)
+            self.sentence_cache.clear()  # the encoder may have changed in the previous stage
             opt = torch.optim.AdamW(
                 param_groups(self.model, self.criterion, stage), weight_decay=cfg.train.weight_decay
             )

@@ -12,6 +12,8 @@ from .dataset import Dataset
 
 GT_COLOR = (40, 220, 60)
 OTHER_COLOR = (250, 200, 40)
+WRONG_COLOR = (230, 40, 40)
+HIT_COLOR = (40, 120, 250)
 
 
 def _font(size: int) -> ImageFont.ImageFont:
@@ -26,34 +28,61 @@ def render_expression(ds: Dataset, expr_id: int, min_side: int = 384) -> PILImag
     inst = ds.instances.get(e.instance_id)
     if inst is None:
         raise DataError(f"{ds.root}: expression {expr_id} points to unknown instance {e.instance_id}")
-    path = ds.image_path(inst.image_id)
+    boxes = [
+        (other.box, OTHER_COLOR)
+        for a in e.answers or ()
+        if (other := ds.instances.get(a)) is not None and a != inst.id and other.image_id == inst.image_id
+    ]  # also true of these (normally none)
+    lines = [f"#{e.id} [{e.split}{', ' + e.type if e.type else ''}] image {inst.image_id}"]
+    text_lines = textwrap.wrap(e.text, width=40)
+    if e.answers is not None:
+        n = len(ds.answer_image_ids(e))
+        text_lines.append(f"true in {n} gallery image{'s' if n != 1 else ''}")
     try:
-        with PILImage.open(path) as f:
-            img = f.convert("RGB")
+        return boxed_tile(ds.image_path(inst.image_id), [*boxes, (inst.box, GT_COLOR)], lines + text_lines, min_side)
     except (OSError, ValueError) as err:
-        raise DataError(f"{path}: cannot read image ({err})") from None
+        raise DataError(f"{ds.image_path(inst.image_id)}: cannot read image ({err})") from None
+
+
+def boxed_tile(
+    path, boxes: list[tuple[tuple[float, ...], tuple[int, int, int]]], lines: list[str], min_side: int = 384
+) -> PILImage.Image:
+    """The image scaled up (nearest: pixels stay visible), boxes drawn, text lines underneath."""
+    with PILImage.open(path) as f:
+        img = f.convert("RGB")
     scale = max(1.0, min_side / min(img.size))
     img = img.resize((round(img.width * scale), round(img.height * scale)), PILImage.NEAREST)
     draw = ImageDraw.Draw(img)
     width = max(2, round(scale / 1.5))
-    # Other instances the expression is also true of in this image (normally none).
-    for a in e.answers or ():
-        other = ds.instances.get(a)
-        if other is not None and a != inst.id and other.image_id == inst.image_id:
-            draw.rectangle([v * scale for v in other.box], outline=OTHER_COLOR, width=width)
-    draw.rectangle([v * scale for v in inst.box], outline=GT_COLOR, width=width)
+    for box, color in boxes:
+        draw.rectangle([v * scale for v in box], outline=color, width=width)
     font = _font(16)
-    lines = [f"#{e.id} [{e.split}{', ' + e.type if e.type else ''}] image {inst.image_id}"]
-    lines += textwrap.wrap(e.text, width=max(20, img.width // 9))
-    if e.answers is not None:
-        n = len(ds.answer_image_ids(e))
-        lines.append(f"true in {n} gallery image{'s' if n != 1 else ''}")
     band = 8 + 20 * len(lines)
     out = PILImage.new("RGB", (img.width, img.height + band), (255, 255, 255))
     out.paste(img, (0, 0))
     d = ImageDraw.Draw(out)
     for n, line in enumerate(lines):
         d.text((6, img.height + 4 + 20 * n), line, fill=(0, 0, 0), font=font)
+    return out
+
+
+def hits_sheet(expression: str, hits, correct: list[bool] | None = None, cols: int = 5) -> PILImage.Image:
+    """Top hits of one query, each boxed (green: correct, red: wrong, blue: unknown), with a title."""
+    tiles = []
+    for rank, h in enumerate(hits, 1):
+        ok = None if correct is None else correct[rank - 1]
+        color = HIT_COLOR if ok is None else (GT_COLOR if ok else WRONG_COLOR)
+        mark = "" if ok is None else (" correct" if ok else " wrong")
+        tiles.append(
+            boxed_tile(h.path, [(h.box, color)], [f"#{rank} score {h.score:.3f}{mark}", f"image {h.image_id}"], 192)
+        )
+    grid = contact_sheet(tiles, cols) if tiles else PILImage.new("RGB", (400, 40), (255, 255, 255))
+    lines = textwrap.wrap(f'"{expression}"', width=max(30, grid.width // 9)) or [""]
+    out = PILImage.new("RGB", (grid.width, grid.height + 8 + 22 * len(lines)), (255, 255, 255))
+    d = ImageDraw.Draw(out)
+    for n, line in enumerate(lines):
+        d.text((8, 4 + 22 * n), line, fill=(0, 0, 0), font=_font(18))
+    out.paste(grid, (0, 8 + 22 * len(lines)))
     return out
 
 

@@ -1,0 +1,209 @@
+"""`reir index`, `reir search`, `reir gallery ...` and `reir eval --bundle`: the serving side.
+
+No torch: these run on a host that installed only `clare-reir[engine]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def default_bundle() -> Path:
+    """The bundle shipped with the package (models/synth, exported from configs/synth.yaml)."""
+    from importlib.resources import files
+
+    return Path(str(files("reir.models") / "synth"))
+
+
+def _tags(pairs: list[str]) -> dict[str, str]:
+    out = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--tags {pair!r}: expected KEY=VALUE")
+        out[key] = value
+    return out
+
+
+def add_parsers(sub) -> None:
+    p = sub.add_parser("index", help="add images (a directory or a list file) to a gallery, resumably")
+    p.add_argument("source", type=Path, help="image directory (recursive) or a text file with one path per line")
+    p.add_argument("--gallery", type=Path, required=True)
+    p.add_argument("--bundle", type=Path, help="default: the gallery's bundle, else the shipped model")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--tags", nargs="*", metavar="KEY=VALUE", help="stored with every image added")
+    p.add_argument("--dtype", choices=["f32", "f16", "bf16"], default="f16", help="ANN vectors (new gallery)")
+    p.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (0: its default)")
+    p.add_argument("--device", choices=["cpu", "cuda", "tensorrt"], default="cpu")
+    p.add_argument("--quiet", action="store_true")
+
+    p = sub.add_parser("search", help="rank a gallery's images for an expression")
+    p.add_argument("expression")
+    p.add_argument("--gallery", type=Path, required=True)
+    p.add_argument("--bundle", type=Path)
+    p.add_argument("-k", type=int, default=10)
+    p.add_argument("--all-instances", action="store_true", help="every instance, not only the best per image")
+    p.add_argument("--tags", nargs="*", metavar="KEY=VALUE", help="only images with these tags")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--show", type=Path, metavar="PNG", help="write a contact sheet of the hits")
+    p.add_argument("--threads", type=int, default=0)
+
+    g = sub.add_parser("gallery", help="inspect and maintain a gallery").add_subparsers(
+        dest="gallery_command", required=True
+    )
+    for name, text in [
+        ("info", "counts, sizes, settings"),
+        ("check", "verify SQLite and the ANN index agree; exit 1 if not"),
+        ("rebuild", "rebuild the ANN index from the embeddings in SQLite"),
+    ]:
+        p = g.add_parser(name, help=text)
+        p.add_argument("gallery", type=Path)
+    p = g.add_parser("remove", help="remove images by id")
+    p.add_argument("gallery", type=Path)
+    p.add_argument("ids", type=int, nargs="+")
+
+
+def run(args: argparse.Namespace) -> int:
+    from reir.engine.bundle import BundleError
+    from reir.engine.encoders import RuntimeUnavailable
+    from reir.engine.gallery import GalleryError
+    from reir.engine.image import ImageError
+
+    try:
+        if args.command == "index":
+            return _index(args)
+        if args.command == "search":
+            return _search(args)
+        if args.command == "eval":
+            return _eval(args)
+        return _gallery(args)
+    except (ValueError, BundleError, GalleryError, ImageError, RuntimeUnavailable) as e:
+        print(f"reir: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _bundle_for(gallery_path: Path, given: Path | None) -> Path:
+    if given is not None:
+        return given
+    from reir.engine.gallery import Gallery
+
+    if (gallery_path / "gallery.sqlite").is_file():
+        with Gallery.open(gallery_path, progress=False) as g:
+            if g.bundle and Path(g.bundle).is_dir():
+                return Path(g.bundle)
+    return default_bundle()
+
+
+def _index(args: argparse.Namespace) -> int:
+    from reir.engine.engine import Engine
+    from reir.engine.gallery import Gallery
+    from reir.engine.indexer import index_images, list_images
+
+    paths, problems = list_images(args.source)
+    engine = Engine.open(_bundle_for(args.gallery, args.bundle), args.device, args.threads, args.batch)
+    if (args.gallery / "gallery.sqlite").is_file():
+        gallery = Gallery.open(args.gallery, writable=True, progress=not args.quiet)
+    else:
+        gallery = Gallery.create(
+            args.gallery, engine.dim, args.dtype, model=engine.model_id, bundle=str(engine.bundle.path.resolve())
+        )
+    with gallery:
+        if gallery.model != engine.model_id:
+            raise ValueError(f"{args.gallery}: indexed with another model; pass that bundle or use a new gallery")
+        report = index_images(gallery, engine, paths, _tags(args.tags), args.batch, progress=not args.quiet)
+        info = gallery.info()
+    report.problems[:0] = problems
+    for p in report.problems:
+        print(f"skipped: {p}", file=sys.stderr)
+    print(report.summary())
+    print(f"gallery {args.gallery}: {info['images']} images, {info['instances']} instances")
+    return 1 if report.problems else 0
+
+
+def _search(args: argparse.Namespace) -> int:
+    from reir.engine.engine import Engine
+    from reir.engine.gallery import Gallery
+    from reir.engine.retriever import Retriever
+
+    with Gallery.open(args.gallery, progress=True) as gallery:
+        engine = Engine.open(_bundle_for(args.gallery, args.bundle), threads=args.threads)
+        retriever = Retriever(engine, gallery)
+        hits = retriever.search(args.expression, args.k, per_image=not args.all_instances, tags=_tags(args.tags))
+        truncated = engine.truncated([args.expression])[0]
+    if args.json:
+        out = {"expression": args.expression, "truncated": truncated, "hits": [h.__dict__ for h in hits]}
+        print(json.dumps(out, indent=2))
+    else:
+        if truncated:
+            print(f"note: the expression was truncated at {engine.bundle.manifest['text']['max_length']} tokens")
+        print(f"{'rank':>4}  {'score':>8}  {'image':>6}  {'box (x1, y1, x2, y2)':<28} path")
+        for rank, h in enumerate(hits, 1):
+            box = ", ".join(f"{v:.0f}" for v in h.box)
+            print(f"{rank:>4}  {h.score:>8.3f}  {h.image_id:>6}  ({box}){'':<{max(0, 24 - len(box))}} {h.path}")
+        if not hits:
+            print("(the gallery is empty)")
+    if args.show:
+        from reir.engine.data.show import hits_sheet
+
+        hits_sheet(args.expression, hits).save(args.show)
+        print(f"wrote {args.show}")
+    return 0
+
+
+def _gallery(args: argparse.Namespace) -> int:
+    from reir.engine.gallery import Gallery
+
+    cmd = args.gallery_command
+    with Gallery.open(args.gallery, writable=cmd in ("rebuild", "remove")) as g:
+        if cmd == "info":
+            print(json.dumps(g.info(), indent=2))
+        elif cmd == "check":
+            problems = g.check()
+            for p in problems:
+                print(f"problem: {p}")
+            print(
+                "consistent"
+                if not problems
+                else f"{len(problems)} problem(s); `reir gallery rebuild` repairs the ANN index"
+            )
+            return 1 if problems else 0
+        elif cmd == "rebuild":
+            g.rebuild(progress=True)
+            print(f"rebuilt: {g.info()['ann_vectors']} vectors")
+        else:
+            n = g.remove_images(args.ids)
+            print(f"removed {n} image(s)")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    """The training report, computed through the engine's ONNX graphs."""
+    from reir.engine.bundle import Bundle
+    from reir.engine.data import load_dataset
+    from reir.engine.fsutil import write_json_atomic
+    from reir.engine.protocol import evaluate_retrieval
+
+    if args.checkpoint is not None:
+        raise ValueError("pass a checkpoint or --bundle, not both")
+    bundle = Bundle.open(args.bundle)
+    ds = load_dataset(args.data)
+    report = evaluate_retrieval(
+        bundle.visual_encoder(),
+        bundle.text_encoder(),
+        ds,
+        args.split,
+        bundle.input_hw,
+        gallery_images=args.gallery_images,
+        progress=not args.quiet,
+    )
+    m = bundle.manifest
+    report.meta.update({"bundle": str(args.bundle), "protocol": f"engine: NMS {m['nms_iou']:.2f}, top-{m['topk']}"})
+    print(report.table())
+    if args.json:
+        write_json_atomic(args.json, report.to_dict())
+    if args.md:
+        args.md.write_text(report.table() + "\n")
+    return 0

@@ -1,0 +1,82 @@
+"""`Engine`: a bundle opened in ONNX Runtime — text to query vectors, images to instances.
+
+engine = Engine.open("models/synth")
+q = engine.encode_text(["the small red circle left of the blue star"])   # [1, D]
+dets = engine.detect(["a.png", "b.jpg"])                                    # boxes in original pixels
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+
+from .bundle import Bundle
+from .image import ImageError, read_rgb, resize_rgb
+from .protocol import Detections, unpad
+from .text import clean_expression
+
+
+class Engine:
+    def __init__(self, bundle: Bundle, device: str = "cpu", threads: int = 0, batch: int = 16, cache: int = 4096):
+        self.bundle = bundle
+        self.device = device
+        self.text = bundle.text_encoder(device, threads)
+        self.visual = bundle.visual_encoder(device, threads)
+        self.batch = batch
+        self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._cache_size = cache
+
+    @classmethod
+    def open(cls, bundle: str | Path | Bundle, device: str = "cpu", threads: int = 0, batch: int = 16) -> Engine:
+        b = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
+        return cls(b, device, threads, batch)
+
+    @property
+    def dim(self) -> int:
+        return self.bundle.dim
+
+    @property
+    def model_id(self) -> str:
+        """Names the embedding space: galleries remember it and refuse queries from another model."""
+        return self.bundle.manifest["source"]["sha256"]
+
+    def encode_text(self, texts: list[str]) -> np.ndarray:
+        """Query vectors [N, D]; repeated texts (after cleaning) come from an LRU cache."""
+        keys = [clean_expression(t) for t in texts]
+        todo = sorted({k for k in keys if k not in self._cache})
+        if todo:
+            for key, vec in zip(todo, self.text(todo), strict=True):
+                self._cache[key] = vec
+                if len(self._cache) > self._cache_size:
+                    self._cache.popitem(last=False)
+        out = []
+        for k in keys:
+            self._cache.move_to_end(k)
+            out.append(self._cache[k])
+        return np.stack(out) if out else np.zeros((0, self.dim), np.float32)
+
+    def truncated(self, texts: list[str]) -> list[bool]:
+        """Which texts exceed the model's max length (they are encoded truncated)."""
+        return self.text.tokenizer(texts)[2]
+
+    def detect(self, images: list) -> list[Detections]:
+        """Per image (path or uint8 RGB array [H, W, 3]): kept instances, boxes in its own pixels.
+
+        Raises ImageError naming the image when one cannot be read."""
+        h, w = self.bundle.input_hw
+        out: list[Detections] = []
+        for start in range(0, len(images), self.batch):
+            arrays, sizes = [], []
+            for img in images[start : start + self.batch]:
+                pil = read_rgb(img) if isinstance(img, str | Path) else img
+                if isinstance(pil, np.ndarray):
+                    if pil.ndim != 3 or pil.shape[2] != 3:
+                        raise ImageError(f"image array must be [H, W, 3] RGB, got {list(pil.shape)}")
+                    sizes.append((pil.shape[1], pil.shape[0]))
+                else:
+                    sizes.append(pil.size)
+                arrays.append(resize_rgb(pil, h, w))
+            out += unpad(self.visual(np.stack(arrays)), sizes, (h, w))
+        return out

@@ -1,0 +1,131 @@
+"""The evaluation protocol (clare.md §3), written once against two callables so that the
+PyTorch model, the ONNX graphs and a Triton server are scored by the same code.
+
+`detect(uint8 [B, H, W, 3]) -> (boxes [B, K, 4] in input pixels, scores [B, K],
+embeddings [B, K, D], num_detections [B])`, i.e. the visual graph's outputs, with NMS and
+top-K already applied; `encode_text(list[str]) -> [N, D]` query vectors.
+
+A query is one text encoding and a dot product with every stored instance. REC: in the
+query's own image, the kept candidate with the highest score.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import numpy as np
+from tqdm import tqdm
+
+from .data import Dataset
+from .data.dataset import gallery_split
+from .image import ImageError, read_rgb, resize_rgb
+from .metrics import GalleryArrays, Report, evaluate, rank_gallery
+
+DetectFn = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]
+EncodeTextFn = Callable[[list[str]], np.ndarray]
+
+
+@dataclass
+class Detections:
+    """One image's kept instances, boxes xyxy in original pixels, in descending score."""
+
+    boxes: np.ndarray  # [n, 4]
+    scores: np.ndarray  # [n]
+    embeddings: np.ndarray  # [n, D]
+
+
+def unpad(outputs, sizes: list[tuple[int, int]], input_hw: tuple[int, int]) -> list[Detections]:
+    """Graph outputs (padded to K, input pixels) -> per image Detections in original pixels."""
+    boxes, scores, emb, num = (np.asarray(o) for o in outputs)
+    h, w = input_hw
+    out = []
+    for b, (ow, oh) in enumerate(sizes):
+        n = int(num[b])
+        scale = np.array([ow / w, oh / h, ow / w, oh / h], dtype=np.float64)
+        out.append(Detections(boxes[b, :n].astype(np.float64) * scale, scores[b, :n].copy(), emb[b, :n].copy()))
+    return out
+
+
+def encode_gallery(
+    detect: DetectFn,
+    paths: list,
+    input_hw: tuple[int, int],
+    batch: int = 32,
+    progress: bool = True,
+) -> tuple[list[Detections | None], list[str]]:
+    """Detections per path (None where the image is unusable) and the problems found."""
+    out: list[Detections | None] = []
+    problems: list[str] = []
+    h, w = input_hw
+    for start in tqdm(range(0, len(paths), batch), desc="gallery", disable=not progress, unit="batch"):
+        arrays, sizes, slots = [], [], []
+        for path in paths[start : start + batch]:
+            try:
+                img = read_rgb(path)
+            except ImageError as e:
+                problems.append(str(e))
+                slots.append(None)
+                continue
+            slots.append(len(arrays))
+            sizes.append(img.size)
+            arrays.append(resize_rgb(img, h, w))
+        dets = unpad(detect(np.stack(arrays)), sizes, input_hw) if arrays else []
+        out.extend(dets[s] if s is not None else None for s in slots)
+    return out, problems
+
+
+def gallery_arrays(dets: dict[int, Detections], dim: int) -> GalleryArrays:
+    ids = [np.full(len(d.scores), i) for i, d in dets.items()]
+    return GalleryArrays(
+        np.concatenate([d.embeddings for d in dets.values()]) if dets else np.zeros((0, dim), np.float32),
+        np.concatenate(ids) if ids else np.zeros(0, np.int64),
+        np.concatenate([d.boxes for d in dets.values()]) if dets else np.zeros((0, 4)),
+    )
+
+
+def evaluate_retrieval(
+    detect: DetectFn,
+    encode_text: EncodeTextFn,
+    ds: Dataset,
+    split: str,
+    input_hw: tuple[int, int],
+    gallery_images: int = 0,
+    batch: int = 32,
+    progress: bool = True,
+    k: int = 100,
+) -> Report:
+    """The full report on `split`, with the gallery cut to its first `gallery_images` images."""
+    image_ids = ds.gallery_image_ids(split)
+    if gallery_images:
+        image_ids = image_ids[:gallery_images]
+    found, _ = encode_gallery(detect, [ds.image_path(i) for i in image_ids], input_hw, batch, progress)
+    dets = {i: d for i, d in zip(image_ids, found, strict=True) if d is not None}
+    kept = set(image_ids)
+    exprs = [
+        e
+        for e in sorted(ds.split_expressions(split), key=lambda e: e.id)
+        if ds.instances[e.instance_id].image_id in kept
+    ]
+    queries = encode_text([e.text for e in exprs])
+    hits = rank_gallery(queries, gallery_arrays(dets, queries.shape[1]), k=k)
+    rec = {}
+    for e, q in zip(exprs, queries, strict=True):
+        d = dets.get(ds.instances[e.instance_id].image_id)
+        if d is not None and len(d.scores):
+            rec[e.id] = d.boxes[int(np.argmax(d.embeddings @ q))]
+    sub = restrict(ds, split, kept) if gallery_images else ds
+    report = evaluate({e.id: h for e, h in zip(exprs, hits, strict=True)}, sub, split, rec_boxes=rec)
+    return report
+
+
+def restrict(ds: Dataset, split: str, images: set[int]) -> Dataset:
+    """The dataset seen through a gallery of only `images`: answers outside it dropped."""
+    exprs = {}
+    for e in ds.expressions.values():
+        if gallery_split(e.split) != gallery_split(split) or ds.instances[e.instance_id].image_id not in images:
+            continue
+        ans = tuple(a for a in e.answers if ds.instances[a].image_id in images) if e.answers is not None else None
+        exprs[e.id] = replace(e, answers=ans)
+    imgs = {i: im for i, im in ds.images.items() if i in images}
+    return replace(ds, images=imgs, expressions=exprs)

@@ -1,0 +1,215 @@
+"""`reir export CHECKPOINT --out BUNDLE`: graphs, gates, tokenizer and manifest, atomically.
+
+Everything is built in a temporary directory beside BUNDLE and renamed into place only
+after every gate passed, so a directory at BUNDLE is always a complete, gated bundle.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from reir.engine.bundle import FORMAT, VERSION, Bundle, sha256_file
+from reir.engine.encoders import TextEncoder, VisualEncoder
+from reir.engine.fsutil import atomic_directory
+from reir.training.checkpoint import load_model
+from reir.training.config import EvalConfig
+from reir.training.evaluate import torch_detector, torch_text_encoder
+from reir.training.text import load_tokenizer
+
+from . import gates as G
+from .graphs import OPSET, export_text, export_visual, optimize
+from .precision import to_fp16, to_int8
+
+PRECISIONS = ("fp32", "fp16", "int8")
+
+
+def export_bundle(
+    checkpoint: Path,
+    out: Path,
+    precision: str = "fp32",
+    static_shape: tuple[int, int] | None = None,
+    max_batch: int = 32,
+    topk: int = 30,
+    nms_iou: float = 0.7,
+    probe_images: int = 300,
+    overwrite: bool = False,
+    optimized_copy: bool = True,
+    log=print,
+) -> dict[str, Any]:
+    if precision not in PRECISIONS:
+        raise ValueError(f"--precision must be one of {PRECISIONS}, got {precision!r}")
+    checkpoint = Path(checkpoint)
+    cfg, model = load_model(checkpoint)
+    hw = static_shape or (cfg.model.image_size, cfg.model.image_size)
+    static_batch = max_batch if static_shape else None
+    max_length = cfg.model.text.max_length
+    hf_tok = load_tokenizer(cfg.model.text)
+    with atomic_directory(out, overwrite=overwrite) as tmp:
+        work = tmp / ".work"
+        work.mkdir()
+        t0 = time.perf_counter()
+        log(f"exporting ONNX graphs (opset {OPSET}, input {hw[0]}x{hw[1]}, top-{topk}, NMS {nms_iou})")
+        export_text(model, work / "text_fp32.onnx", static_batch, max_length)
+        export_visual(model, work / "visual_fp32.onnx", hw, topk, nms_iou, static_batch)
+        text = _write_tokenizer(hf_tok, tmp, max_length, pad_to_max=bool(static_batch) or model.text.siglip)
+        log(f"probe set: {probe_images} synthetic gallery images (seed {G.PROBE_SEED})")
+        ds = G.probe_set(work, probe_images)
+
+        def ort_fns(text_graph: Path, visual_graph: Path):
+            return VisualEncoder(visual_graph), TextEncoder(text_graph, Bundle(tmp, {"text": text}).tokenizer())
+
+        ecfg = EvalConfig(topk=topk, nms_iou=nms_iou)
+        ref = (torch_detector(model, ecfg), torch_text_encoder(model, hf_tok))
+        fp32 = ort_fns(work / "text_fp32.onnx", work / "visual_fp32.onnx")
+        log("gate: fp32 ONNX vs PyTorch")
+        ref_metrics, fp32_metrics = G.retrieval(ref, ds, hw), G.retrieval(fp32, ds, hw)
+        gates = G.gate_fp32(G.parity(ref, fp32, ds, hw), ref_metrics, fp32_metrics)
+        log(G.format_gates(gates))
+        if not all(g.passed for g in gates):
+            raise G.GateError("fp32 ONNX", gates)
+        text_graph, visual_graph, metrics = work / "text_fp32.onnx", work / "visual_fp32.onnx", fp32_metrics
+        if precision != "fp32":
+            text_graph, visual_graph = _convert(precision, work)
+            cand = ort_fns(text_graph, visual_graph)
+            log(f"gate: {precision} vs fp32 ONNX")
+            metrics = G.retrieval(cand, ds, hw)
+            reduced = G.gate_reduced(precision, G.parity(fp32, cand, ds, hw), fp32_metrics, metrics)
+            log(G.format_gates(reduced))
+            if not all(g.passed for g in reduced):
+                raise G.GateError(f"{precision} ONNX", reduced)
+            gates += reduced
+        graphs = {}
+        for name, src in (("text_encoder", text_graph), ("visual_encoder", visual_graph)):
+            shutil.copyfile(src, tmp / f"{name}.onnx")
+            graphs[name] = {"file": f"{name}.onnx", "optimized": None}
+            if optimized_copy:
+                optimize(tmp / f"{name}.onnx", tmp / f"{name}.optimized.onnx")
+                graphs[name]["optimized"] = f"{name}.optimized.onnx"
+
+        latency = _latency(tmp, graphs, text, ds, hw)
+        shutil.rmtree(work)
+        manifest = {
+            "format": FORMAT,
+            "version": VERSION,
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+            "precision": precision,
+            "opset": OPSET,
+            "embedding_dim": model.embed_dim,
+            "score": "dot product of query and instance embedding (raw, not normalised)",
+            "topk": topk,
+            "nms_iou": nms_iou,
+            "static": static_batch is not None,
+            "max_batch": max_batch,
+            "image": {
+                "height": hw[0],
+                "width": hw[1],
+                "layout": "NHWC",
+                "dtype": "uint8",
+                "channels": "RGB",
+                "resize": "client side: Pillow bilinear to height x width, no letterbox (reir.engine.image)",
+                "normalisation": "inside the graph: x / 255",
+                "boxes": "xyxy in input pixels; scale by original / input size",
+            },
+            "text": text,
+            "graphs": graphs,
+            "source": {
+                "checkpoint": checkpoint.name,
+                "sha256": sha256_file(checkpoint),
+                "config": cfg.to_dict(),
+            },
+            "probe": {
+                "images": probe_images,
+                "seed": G.PROBE_SEED,
+                "pytorch": ref_metrics,
+                "onnx": metrics,
+                "gates": G.as_records(gates),
+                "cpu_latency_ms": latency,
+            },
+            "versions": _versions(),
+            "export_seconds": round(time.perf_counter() - t0, 1),
+        }
+        manifest["files"] = {
+            p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+            for p in sorted(tmp.iterdir())
+            if p.is_file() and p.name != "manifest.json"
+        }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    log(f"bundle written: {out} ({precision}, {manifest['export_seconds']} s)")
+    return manifest
+
+
+def _convert(precision: str, work: Path) -> tuple[Path, Path]:
+    if precision == "fp16":
+        to_fp16(work / "text_fp32.onnx", work / "text_fp16.onnx")
+        to_fp16(work / "visual_fp32.onnx", work / "visual_fp16.onnx")
+        return work / "text_fp16.onnx", work / "visual_fp16.onnx"
+    to_int8(work / "text_fp32.onnx", work / "text_int8.onnx")
+    return work / "text_int8.onnx", work / "visual_fp32.onnx"
+
+
+def _write_tokenizer(hf_tok, out: Path, max_length: int, pad_to_max: bool) -> dict[str, Any]:
+    """tokenizer.json for the `tokenizers` package, and what the runtime needs to use it."""
+    saved = out / ".work" / "tokenizer"
+    hf_tok.save_pretrained(str(saved))
+    if not (saved / "tokenizer.json").is_file():
+        raise RuntimeError("the text encoder's tokenizer has no fast (tokenizer.json) form; it cannot be exported")
+    shutil.copyfile(saved / "tokenizer.json", out / "tokenizer.json")
+    return {
+        "tokenizer": "tokenizer.json",
+        "max_length": max_length,
+        "pad_id": int(hf_tok.pad_token_id),
+        "pad_token": str(hf_tok.pad_token),
+        "pad_to_max": pad_to_max,
+        "cleaning": "reir.engine.text.clean_expression (lower case, punctuation removed)",
+    }
+
+
+def _latency(root: Path, graphs: dict, text: dict, ds, hw) -> dict[str, float]:
+    """Median CPU latency of each graph at batch 1 (the export machine; for orientation)."""
+    b = Bundle(root, {"text": text, "graphs": graphs})
+    te, ve = b.text_encoder(threads=0), b.visual_encoder(threads=0)
+    img = np.zeros((1, *hw, 3), np.uint8)
+    expr = next(iter(ds.expressions.values())).text
+    out = {}
+    for name, fn, arg in (("text_batch1", te, [expr]), ("visual_batch1", ve, img)):
+        fn(arg)
+        times = []
+        for _ in range(20):
+            t = time.perf_counter()
+            fn(arg)
+            times.append(time.perf_counter() - t)
+        out[name] = round(1000 * float(np.median(times)), 3)
+    return out
+
+
+def _versions() -> dict[str, str]:
+    import onnx
+    import onnxruntime
+    import transformers
+
+    return {
+        "python": platform.python_version(),
+        "torch": str(torch.__version__),
+        "transformers": transformers.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "reir": _reir_version(),
+    }
+
+
+def _reir_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("clare-reir")
+    except PackageNotFoundError:
+        return "unknown"

@@ -1,0 +1,91 @@
+"""`reir export ...` (imported only when the command runs: it needs torch and onnx)."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "export",
+        help="export a checkpoint to a gated ONNX bundle; `reir export trt BUNDLE` builds TensorRT engines",
+        description="reir export CHECKPOINT --out BUNDLE [...]  |  reir export trt BUNDLE [...]",
+    )
+    p.add_argument("source", help="a checkpoint (.pt), or the word 'trt'")
+    p.add_argument("bundle", nargs="?", type=Path, help="with 'trt': the bundle directory")
+    p.add_argument("--out", type=Path, help="bundle directory to write (atomically)")
+    p.add_argument("--precision", choices=["fp32", "fp16", "int8"], default=None, help="default fp32 (trt: fp16)")
+    p.add_argument("--static-shape", metavar="HxW", help="fixed-shape graphs (Jetson/DLA): batch = --max-batch")
+    p.add_argument("--max-batch", type=int, default=32)
+    p.add_argument("--topk", type=int, default=30, help="instances kept per image after NMS")
+    p.add_argument("--nms-iou", type=float, default=0.7)
+    p.add_argument("--probe-images", type=int, default=300, help="synthetic gallery size for the accuracy gates")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument(
+        "--no-optimized-copy", action="store_true", help="skip the ORT-optimised copies (smaller bundle, slower start)"
+    )
+    p.add_argument("--workspace", type=float, default=4.0, help="trt: builder workspace, GiB")
+    p.add_argument("--timing-cache", type=Path, help="trt: timing cache file (read and updated)")
+    p.add_argument("--opt-batch", type=int, default=8, help="trt: batch size the kernels are tuned for")
+
+
+def parse_hw(text: str) -> tuple[int, int]:
+    m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text or "")
+    if not m or int(m.group(1)) < 32 or int(m.group(2)) < 32:
+        raise ValueError(f"--static-shape: expected HxW with both sides >= 32 (e.g. 128x128), got {text!r}")
+    return int(m.group(1)), int(m.group(2))
+
+
+def run(args: argparse.Namespace) -> int:
+    from reir.engine.bundle import BundleError
+    from reir.engine.fsutil import OutputExistsError
+    from reir.training.checkpoint import CheckpointError
+
+    from .gates import GateError
+    from .tensorrt import TensorRTUnavailable
+
+    try:
+        if args.source == "trt":
+            return _trt(args)
+        return _export(args)
+    except (ValueError, CheckpointError, BundleError, OutputExistsError, GateError, TensorRTUnavailable) as e:
+        print(f"reir: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .bundle import export_bundle
+
+    if args.bundle is not None:
+        raise ValueError(f"unexpected argument {args.bundle} (did you mean --out {args.bundle}?)")
+    if args.out is None:
+        raise ValueError("--out BUNDLE is required")
+    if args.max_batch < 1 or args.topk < 1 or not 0 < args.nms_iou <= 1:
+        raise ValueError("--max-batch and --topk must be >= 1 and --nms-iou in (0, 1]")
+    export_bundle(
+        Path(args.source),
+        args.out,
+        precision=args.precision or "fp32",
+        static_shape=parse_hw(args.static_shape) if args.static_shape else None,
+        max_batch=args.max_batch,
+        topk=args.topk,
+        nms_iou=args.nms_iou,
+        probe_images=args.probe_images,
+        overwrite=args.overwrite,
+        optimized_copy=not args.no_optimized_copy,
+    )
+    return 0
+
+
+def _trt(args: argparse.Namespace) -> int:
+    from .tensorrt import build_engines
+
+    if args.bundle is None:
+        raise ValueError("usage: reir export trt BUNDLE [--precision fp16] [--workspace GiB] [--timing-cache FILE]")
+    plans = build_engines(args.bundle, args.precision or "fp16", args.workspace, args.timing_cache, args.opt_batch)
+    for p in plans:
+        print(f"wrote {p} (+ {p.name}.json)")
+    return 0

@@ -1,0 +1,127 @@
+"""Accuracy gates: an exported graph ships only if it answers like its reference.
+
+The probe set is our own synthetic benchmark, generated fresh at export time from a fixed
+seed (300 gallery images, every expression with its exact answer set). Each gate is a
+number, a limit and a verdict; a failed gate stops the export and prints all of them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from reir.engine.data import Dataset
+from reir.engine.image import read_rgb, resize_rgb
+from reir.engine.metrics import pairwise_iou
+from reir.engine.protocol import DetectFn, EncodeTextFn, evaluate_retrieval
+from reir.engine.synth import SynthConfig, generate
+
+PROBE_SEED = 61  # a seed no recipe trains on
+PARITY_IMAGES = 32
+PARITY_TEXTS = 128
+KS = (1, 5, 10)
+
+
+@dataclass
+class Gate:
+    name: str
+    value: float
+    limit: float
+    passed: bool
+
+
+class GateError(RuntimeError):
+    def __init__(self, stage: str, gates: list[Gate]):
+        self.gates = gates
+        super().__init__(f"export refused: {stage} failed its accuracy gates\n{format_gates(gates)}")
+
+
+def format_gates(gates: list[Gate]) -> str:
+    rows = [f"  {'PASS' if g.passed else 'FAIL'}  {g.name:<44} {g.value:>12.6g}  (limit {g.limit:g})" for g in gates]
+    return "\n".join(rows)
+
+
+def probe_set(work: Path, images: int = 300) -> Dataset:
+    ds, _ = generate(work / "probe", SynthConfig(images=images, seed=PROBE_SEED, fractions=(0, 0, 1)), progress=False)
+    return ds
+
+
+def parity(
+    ref: tuple[DetectFn, EncodeTextFn], cand: tuple[DetectFn, EncodeTextFn], ds: Dataset, input_hw: tuple[int, int]
+) -> dict[str, float]:
+    """Embedding and box agreement of `cand` with `ref` on the first probe images and texts."""
+    ids = ds.gallery_image_ids("test")[:PARITY_IMAGES]
+    images = np.stack([resize_rgb(read_rgb(ds.image_path(i)), *input_hw) for i in ids])
+    texts = [e.text for e in sorted(ds.split_expressions("test"), key=lambda e: e.id)][:PARITY_TEXTS]
+    rb, _, re_, rn = ref[0](images)
+    cb, _, ce, cn = cand[0](images)
+    q_rel, q_cos = _agreement(ref[1](texts), cand[1](texts))
+    min_iou, counts_equal, rel, cos = 1.0, True, [0.0], [1.0]
+    for b in range(len(images)):
+        n, m = int(rn[b]), int(cn[b])
+        counts_equal &= n == m
+        if n == 0 or m == 0:
+            min_iou = min(min_iou, 1.0 if n == m else 0.0)
+            continue
+        iou = pairwise_iou(rb[b, :n].astype(np.float64), cb[b, :m].astype(np.float64))
+        best = iou.argmax(1)
+        min_iou = min(min_iou, float(iou.max(1).min()))
+        r, c = _agreement(re_[b, :n], ce[b, best])
+        rel.append(r)
+        cos.append(c)
+    return {
+        "query_max_rel_err": q_rel,
+        "query_min_cos": q_cos,
+        "instance_max_rel_err": max(rel),
+        "instance_min_cos": min(cos),
+        "box_min_iou": min_iou,
+        "num_detections_equal": float(counts_equal),
+    }
+
+
+def _agreement(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    """max |a - b| / |a| and min cosine, over rows."""
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    na, nb = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
+    rel = np.abs(a - b).max(1) / np.maximum(na, 1e-12)
+    cos = (a * b).sum(1) / np.maximum(na * nb, 1e-12)
+    return float(rel.max()), float(cos.min())
+
+
+def retrieval(fns: tuple[DetectFn, EncodeTextFn], ds: Dataset, input_hw: tuple[int, int]) -> dict[str, float]:
+    report = evaluate_retrieval(fns[0], fns[1], ds, "test", input_hw, progress=False)
+    keys = [f"{p}BR@{k}(0.5)" for p in ("", "m") for k in KS] + ["REC@0.5"]
+    return {k: round(report.metrics[k], 4) for k in keys}
+
+
+def gate_fp32(par: dict[str, float], ref: dict[str, float], cand: dict[str, float]) -> list[Gate]:
+    gates = [
+        Gate("text query max|d|/|q| vs PyTorch", par["query_max_rel_err"], 1e-4, par["query_max_rel_err"] <= 1e-4),
+        Gate("instance max|d|/|o| vs PyTorch", par["instance_max_rel_err"], 1e-4, par["instance_max_rel_err"] <= 1e-4),
+        Gate("kept boxes min IoU vs PyTorch", par["box_min_iou"], 0.99, par["box_min_iou"] >= 0.99),
+        Gate("kept box counts equal", par["num_detections_equal"], 1, par["num_detections_equal"] == 1),
+    ]
+    for key in ref:
+        if "BR@" in key:
+            d = abs(ref[key] - cand[key])
+            gates.append(Gate(f"|d {key}| points vs PyTorch", d, 0.5, d <= 0.5))
+    return gates
+
+
+def gate_reduced(precision: str, par: dict[str, float], ref: dict[str, float], cand: dict[str, float]) -> list[Gate]:
+    """fp16: cosine >= 0.999, BR@1 within 1 point; int8: cosine >= 0.99, BR@1 within 2."""
+    cos_limit, br_limit = (0.999, 1.0) if precision == "fp16" else (0.99, 2.0)
+    gates = [
+        Gate("text query min cosine vs fp32", par["query_min_cos"], cos_limit, par["query_min_cos"] >= cos_limit),
+        Gate("instance min cosine vs fp32", par["instance_min_cos"], cos_limit, par["instance_min_cos"] >= cos_limit),
+    ]
+    for key in ("BR@1(0.5)", "mBR@1(0.5)"):
+        d = abs(ref[key] - cand[key])
+        gates.append(Gate(f"|d {key}| points vs fp32", d, br_limit, d <= br_limit))
+    return gates
+
+
+def as_records(gates: list[Gate]) -> list[dict]:
+    return [asdict(g) for g in gates]

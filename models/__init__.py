@@ -1,0 +1,1 @@
+"""The default model shipped with the package: models/synth (see README.md)."""

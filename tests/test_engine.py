@@ -1,0 +1,225 @@
+"""The embedded engine: real ONNX Runtime sessions, a real usearch index, a real SQLite file."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+from PIL import Image as PILImage
+
+from reir.engine.gallery import Gallery, GalleryError, GalleryLocked
+from reir.engine.synth import SynthConfig, generate
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_bundle):
+    from reir.engine.engine import Engine
+
+    return Engine.open(tiny_bundle, threads=1)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    ds, _ = generate(tmp_path_factory.mktemp("imgs") / "d", SynthConfig(images=60, seed=99), progress=False)
+    return ds, [ds.image_path(i) for i in sorted(ds.images)]
+
+
+def _reir(*args: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "reir.cli", *args], capture_output=True, text=True, timeout=600, **kw)
+
+
+def test_text_cache_and_cleaning(engine):
+    a = engine.encode_text(["The red circle.", "the red circle", "a blue star"])
+    assert a.shape == (3, engine.dim) and np.array_equal(a[0], a[1])  # cleaned to the same text
+    again = engine.encode_text(["a blue star"])
+    assert np.array_equal(again[0], a[2]) and len(engine._cache) >= 2
+
+
+def test_detect_paths_arrays_and_original_pixels(engine, images, tmp_path):
+    _, paths = images
+    from_path = engine.detect([paths[0]])[0]
+    arr = np.asarray(PILImage.open(paths[0]).convert("RGB"))
+    from_array = engine.detect([arr])[0]
+    np.testing.assert_allclose(from_path.boxes, from_array.boxes, atol=1e-4)
+    big = tmp_path / "big.png"  # the same picture at 2x: the boxes come back in its own pixels
+    PILImage.fromarray(arr).resize((arr.shape[1] * 2, arr.shape[0] * 2), PILImage.NEAREST).save(big)
+    d2 = engine.detect([big])[0]
+    assert len(d2.scores) >= 1 and d2.boxes.max() > arr.shape[0]  # scaled past the small image's size
+    assert (d2.boxes[:, 2] <= 2 * arr.shape[1] + 1).all()
+
+
+def test_gallery_search_equals_brute_force(engine, images, tmp_path):
+    from reir.engine.indexer import index_images
+    from reir.engine.retriever import Retriever
+
+    ds, paths = images
+    g = Gallery.create(tmp_path / "g", engine.dim, "f32", model=engine.model_id)
+    rep = index_images(g, engine, paths[:40], tags={"set": "a"}, batch=8, progress=False)
+    index_images(g, engine, paths[40:], tags={"set": "b"}, batch=8, progress=False)
+    assert rep.added == 40 and rep.skipped == 0 and g.info()["images"] == 60 and g.check() == []
+    r = Retriever(engine, g)
+    texts = [e.text for e in list(ds.expressions.values())[:20]]
+    q = engine.encode_text(texts)
+    emb = np.stack(
+        [np.frombuffer(b, np.float32) for (b,) in g.db.execute("SELECT embedding FROM instances ORDER BY key")]
+    )
+    keys = [k for (k,) in g.db.execute("SELECT key FROM instances ORDER BY key")]
+    for text, vec in zip(texts, q, strict=True):
+        hits = r.search(text, k=5, per_image=False)
+        exact = [keys[i] for i in np.argsort(-(emb @ vec), kind="stable")[:5]]
+        assert [h.instance_key for h in hits][:1] == exact[:1]
+        np.testing.assert_allclose(hits[0].score, float(emb[keys.index(exact[0])] @ vec), rtol=1e-4, atol=1e-4)
+        per_image = r.search(text, k=10)
+        assert len({h.image_id for h in per_image}) == len(per_image) == 10
+        only_b = r.search(text, k=5, tags={"set": "b"})
+        assert only_b and all(g.image(h.image_id)["tags"] == {"set": "b"} for h in only_b)
+    first = r.search(texts[0], k=1)[0]
+    assert g.remove_images([first.image_id]) == 1
+    assert first.image_id not in {h.image_id for h in r.search(texts[0], k=59)}
+    g.close()
+    with Gallery.open(tmp_path / "g") as again:  # reopened read-only: same answers, consistent
+        assert again.check() == [] and again.info()["images"] == 59
+
+
+def test_one_writer_and_readers_during_an_add(engine, images, tmp_path):
+    from reir.engine.indexer import index_images
+
+    _, paths = images
+    g = Gallery.create(tmp_path / "g", engine.dim, model=engine.model_id)
+    index_images(g, engine, paths[:10], progress=False)
+    with pytest.raises(GalleryLocked, match=rf"being written by pid {os.getpid()}"):
+        Gallery.open(tmp_path / "g", writable=True)
+    q = engine.encode_text(["the red circle"])
+    errors, counts = [], []
+
+    def reader():
+        try:
+            for _ in range(30):
+                counts.append(len(g.search(q, k=5)[0]))
+        except Exception as e:  # pragma: no cover - the assertion below reports it
+            errors.append(e)
+
+    threads = [threading.Thread(target=reader) for _ in range(4)]
+    for t in threads:
+        t.start()
+    index_images(g, engine, paths[10:], batch=4, progress=False)
+    for t in threads:
+        t.join()
+    assert not errors and counts and min(counts) == 5
+    assert g.check() == []
+    g.close()
+
+
+def test_bad_images_are_reported_by_path_and_skipped(engine, images, tmp_path):
+    _, paths = images
+    src = tmp_path / "src"
+    src.mkdir()
+    for p in paths[:3]:
+        (src / p.name).write_bytes(p.read_bytes())
+    (src / "empty.png").write_bytes(b"")
+    (src / "truncated.png").write_bytes(paths[3].read_bytes()[:200])
+    (src / "text.png").write_text("not an image")
+    (src / "notes.xyz").write_text("hello")
+    PILImage.new("1", (8200, 8200)).save(src / "huge.png")  # 67 M pixels, a few KB on disk
+    res = _reir("index", str(src), "--gallery", str(tmp_path / "g"), "--bundle", str(engine.bundle.path), "--quiet")
+    assert res.returncode == 1, res.stderr
+    for name, why in [
+        ("empty.png", "empty file"),
+        ("truncated.png", "corrupt or truncated"),
+        ("text.png", "not an image"),
+        ("notes.xyz", "unsupported format"),
+        ("huge.png", "too large"),
+    ]:
+        assert any(name in line and why in line for line in res.stderr.splitlines()), (name, res.stderr)
+    assert "added 3 image(s)" in res.stdout and "5 skipped" in res.stdout and "Traceback" not in res.stderr
+
+
+def test_killed_indexing_loses_nothing_and_resumes(engine, tmp_path):
+    ds, _ = generate(tmp_path / "d", SynthConfig(images=240, seed=5), progress=False)
+    gallery = tmp_path / "g"
+    cmd = [sys.executable, "-m", "reir.cli", "index", str(ds.root / "images"), "--gallery", str(gallery)]
+    cmd += ["--bundle", str(engine.bundle.path), "--batch", "4", "--quiet", "--threads", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    committed = 0
+    while time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+        try:
+            with sqlite3.connect(f"file:{gallery / 'gallery.sqlite'}?mode=ro", uri=True) as db:
+                committed = db.execute("SELECT COUNT(*) FROM images").fetchone()[0]
+        except sqlite3.Error:
+            continue
+        if committed >= 12:
+            break
+    assert proc.poll() is None, "indexing finished before it could be killed; make the job longer"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    with Gallery.open(gallery, progress=False) as g:  # stale ANN file: brought up to date from SQLite
+        assert g.check() == []
+        n = g.info()["images"]
+        assert n >= committed
+        rows = g.db.execute("SELECT image_id, embedding FROM instances GROUP BY image_id").fetchall()
+        for image_id, blob in rows:  # every committed image is searchable
+            hits = g.search(np.frombuffer(blob, np.float32)[None], k=3)[0]
+            assert image_id in {h.image_id for h in hits}
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    assert f"{n} already indexed" in res.stdout
+    with Gallery.open(gallery, progress=False) as g:
+        assert g.info()["images"] == 240 and g.check() == []
+        assert g.db.execute("SELECT COUNT(DISTINCT sha256) FROM images").fetchone()[0] == 240
+
+
+def test_missing_ann_file_is_rebuilt_from_sqlite(engine, images, tmp_path):
+    from reir.engine.indexer import index_images
+
+    _, paths = images
+    g = Gallery.create(tmp_path / "g", engine.dim, model=engine.model_id)
+    index_images(g, engine, paths[:12], progress=False)
+    q = engine.encode_text(["the green square"])
+    before = [h.instance_key for h in g.search(q, k=5)[0]]
+    g.close()
+    (tmp_path / "g" / "index.usearch").unlink()
+    with Gallery.open(tmp_path / "g", progress=False) as again:
+        assert [h.instance_key for h in again.search(q, k=5)[0]] == before and again.check() == []
+
+
+def test_gallery_errors_name_the_problem(engine, tmp_path):
+    from reir.engine.retriever import Retriever
+
+    with pytest.raises(GalleryError, match="no gallery here"):
+        Gallery.open(tmp_path / "nothing")
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "gallery.sqlite").write_bytes(b"definitely not sqlite" * 100)
+    with pytest.raises(GalleryError, match="not a readable gallery database"):
+        Gallery.open(tmp_path / "junk")
+    g = Gallery.create(tmp_path / "other", engine.dim, model="some-other-model")
+    with pytest.raises(GalleryError, match="indexed with another model"):
+        Retriever(engine, g)
+    g.close()
+    res = _reir("search", "a red circle", "--gallery", str(tmp_path / "nothing"))
+    assert res.returncode == 2 and "no gallery here" in res.stderr
+
+
+def test_engine_eval_matches_pytorch_eval(tiny_run, tiny_bundle, tmp_path):
+    """`reir eval --bundle` (ONNX Runtime) against `reir eval CHECKPOINT` (PyTorch): same report."""
+    import json
+
+    _, _, ckpt = tiny_run
+    generate(tmp_path / "d", SynthConfig(images=500, seed=321), progress=False)
+    args = ["--data", str(tmp_path / "d"), "--split", "test", "--quiet"]
+    a = _reir("eval", "--bundle", str(tiny_bundle), *args, "--json", str(tmp_path / "onnx.json"))
+    b = _reir("eval", str(ckpt), *args, "--json", str(tmp_path / "torch.json"))
+    assert a.returncode == 0 and b.returncode == 0, a.stderr + b.stderr
+    ma = json.loads((tmp_path / "onnx.json").read_text())["metrics"]
+    mb = json.loads((tmp_path / "torch.json").read_text())["metrics"]
+    assert ma.keys() == mb.keys()
+    for key in ma:
+        assert abs(ma[key] - mb[key]) <= 0.5, (key, ma[key], mb[key])
