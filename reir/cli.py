@@ -208,7 +208,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             from reir.training.cli import run
 
             return run(args)
-        if args.command in ("index", "search", "gallery") or (args.command == "eval" and args.bundle):
+        if args.command in ("index", "search", "gallery", "triton", "serve") or (
+            args.command == "eval" and args.bundle
+        ):
             from reir.engine.cli import run as run_engine
 
             return run_engine(args)

@@ -1,0 +1,208 @@
+"""Triton: the generated repository validates offline and a real tritonserver serves it.
+
+The server is nvidia-pytriton's tritonserver 2.51 (python backend only), started on
+127.0.0.1 from the `.venv-triton` environment (`make triton-env`: numpy < 2 for its stub),
+with the `pyort` configs: the ONNX graphs run in onnxruntime inside python models.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("tritonclient.grpc", reason="tritonclient not installed (triton extra)")
+
+from reir.export.triton_validate import validate_repository
+
+ROOT = Path(__file__).resolve().parents[1]
+SERVER_PYTHON = Path(os.environ.get("REIR_TRITON_PYTHON", ROOT / ".venv-triton" / "bin" / "python"))
+needs_server = pytest.mark.skipif(
+    not SERVER_PYTHON.exists(), reason=f"Triton server environment not built ({SERVER_PYTHON}; run `make triton-env`)"
+)
+EXPRESSIONS = ["the red circle", "the small blue square left of the green star", "the largest triangle"]
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_bundle, tmp_path_factory):
+    """(repository, embedded retriever, gallery dir): the same bundle and gallery on both sides."""
+    from reir.engine.engine import Engine
+    from reir.engine.gallery import Gallery
+    from reir.engine.indexer import index_images
+    from reir.engine.retriever import Retriever
+    from reir.engine.synth import SynthConfig, generate
+    from reir.export.triton import write_repository
+
+    root = tmp_path_factory.mktemp("triton")
+    ds, _ = generate(root / "data", SynthConfig(images=50, seed=11), progress=False)
+    engine = Engine.open(tiny_bundle, threads=1)
+    gallery = Gallery.create(root / "galleries" / "main", engine.dim, model=engine.model_id)
+    index_images(gallery, engine, [ds.image_path(i) for i in sorted(ds.images)], progress=False)
+    gallery.close()
+    repo = write_repository(tiny_bundle, root / "repo", root / "galleries", "main")
+    retriever = Retriever(engine, Gallery.open(root / "galleries" / "main", progress=False))
+    return repo, retriever
+
+
+def test_repository_validates_offline_and_names_problems(setup, tmp_path):
+    repo, _ = setup
+    assert validate_repository(repo) == []
+    for model in ("text_encoder", "visual_encoder"):
+        assert {p.stem for p in (repo / model / "configs").glob("*.pbtxt")} == {"cpu", "gpu-trt", "pyort", "jetson"}
+    bad = tmp_path / "bad"
+    shutil.copytree(repo, bad)
+    cfg = bad / "tokenizer" / "config.pbtxt"
+    cfg.write_text(cfg.read_text().replace("max_batch_size", "max_batch_sizee"))
+    ens = bad / "encode_query" / "config.pbtxt"
+    ens.write_text(ens.read_text().replace('value: "mask"', 'value: "nope"', 1))  # the tokenizer's output
+    (bad / "visual_encoder" / "1" / "model.onnx").unlink()
+    problems = "\n".join(validate_repository(bad))
+    assert "tokenizer/config.pbtxt" in problems and "max_batch_sizee" in problems
+    assert "encode_query/config.pbtxt" in problems and "'mask' is not produced" in problems
+    assert "visual_encoder/config.pbtxt: version 1: model.onnx missing" in problems
+
+
+@pytest.fixture(scope="module")
+def server(setup):
+    from reir.engine.triton_server import TritonServer
+
+    repo, _ = setup
+    srv = TritonServer(repo, SERVER_PYTHON, "pyort")
+    try:
+        srv.start(timeout=180)
+    except Exception:
+        srv.stop()
+        raise
+    yield srv
+    srv.stop()
+    assert srv.proc.poll() is not None  # stopped by its pid
+
+
+def _same(remote, local):
+    assert [h.instance_key for h in remote] == [h.instance_key for h in local]
+    assert [h.image_id for h in remote] == [h.image_id for h in local]
+    np.testing.assert_allclose([h.score for h in remote], [h.score for h in local], rtol=0, atol=1e-4)
+    np.testing.assert_allclose([h.box for h in remote], [h.box for h in local], rtol=0, atol=1e-3)
+
+
+@needs_server
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_server_results_equal_the_embedded_engine(setup, server, protocol):
+    from reir.engine.triton_client import TritonRetriever
+
+    _, local = setup
+    url = server.grpc_url if protocol == "grpc" else server.http_url
+    with TritonRetriever(url, protocol) as remote:
+        assert remote.is_server_ready() and remote.is_model_ready() and remote.is_model_ready("encode_query")
+        for text in EXPRESSIONS:
+            _same(remote.search(text, k=10), local.search(text, k=10))
+        many = remote.search(EXPRESSIONS, k=5)  # one request, three expressions
+        for text, hits in zip(EXPRESSIONS, many, strict=True):
+            _same(hits, local.search(text, k=5))
+
+
+@needs_server
+def test_async_client(setup, server):
+    from reir.engine.triton_client import AsyncTritonRetriever
+
+    _, local = setup
+
+    async def run():
+        r = AsyncTritonRetriever(server.grpc_url)
+        try:
+            return await asyncio.gather(*(r.search(t, k=5) for t in EXPRESSIONS))
+        finally:
+            await r.close()
+
+    for text, hits in zip(EXPRESSIONS, asyncio.run(run()), strict=True):
+        _same(hits, local.search(text, k=5))
+
+
+@needs_server
+def test_bad_requests_get_errors_and_the_server_stays_up(setup, server):
+    import tritonclient.grpc as g
+
+    from reir.engine.triton_client import TritonError, TritonRetriever
+
+    client = g.InferenceServerClient(server.grpc_url)
+
+    def infer(model, inputs):
+        with pytest.raises(Exception) as err:
+            client.infer(model, inputs)
+        return str(err.value)
+
+    def text_input(name, values):
+        arr = np.array([[v] for v in values], dtype=object)
+        t = g.InferInput(name, list(arr.shape), "BYTES")
+        t.set_data_from_numpy(arr)
+        return t
+
+    assert "empty expression" in infer("retrieve", [text_input("TEXT", [b"   "])])
+    ids = g.InferInput("input_ids", [1, 4], "INT32")  # wrong dtype
+    ids.set_data_from_numpy(np.ones((1, 4), np.int32))
+    mask = g.InferInput("attention_mask", [1, 4], "INT64")
+    mask.set_data_from_numpy(np.ones((1, 4), np.int64))
+    assert "INT32" in infer("text_encoder", [ids, mask]) or "data-type" in infer("text_encoder", [ids, mask])
+    img = g.InferInput("images", [1, 17, 17, 3], "UINT8")  # wrong shape
+    img.set_data_from_numpy(np.zeros((1, 17, 17, 3), np.uint8))
+    assert "shape" in infer("visual_encoder", [img])
+    big = text_input("TEXT", [b"a red circle"] * 100)  # over max_batch_size
+    assert "batch" in infer("retrieve", [big])
+    assert "no gallery named" in infer(
+        "retrieve", [text_input("TEXT", [b"a red circle"]), text_input("GALLERY", [b"nope"])]
+    )
+    assert "outside" in infer(
+        "retrieve", [text_input("TEXT", [b"a red circle"]), text_input("GALLERY", [b"../../etc"])]
+    )
+    with TritonRetriever(server.grpc_url) as r:
+        long = "the small red circle left of the blue star " * 20
+        hits = r.search(long, k=3)
+        assert len(hits) == 3 and r.last_truncated == [True]
+        assert r.search("the red circle", k=3) and r.is_model_ready()  # instances survived every bad request
+        with pytest.raises(ValueError, match="empty"):
+            r.search("")
+    with pytest.raises(TritonError, match="retrieve"):
+        TritonRetriever("127.0.0.1:1", timeout_s=1, retries=1).search("a red circle")
+
+
+@needs_server
+def test_cli_search_through_the_server(server):
+    import subprocess
+    import sys
+
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "reir.cli",
+            "search",
+            "the red circle",
+            "--server",
+            f"grpc://{server.grpc_url}",
+            "-k",
+            "3",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode == 0, res.stderr
+    assert len([line for line in res.stdout.splitlines() if line.strip()[:1].isdigit()]) == 3
+
+
+@needs_server
+def test_a_broken_repository_fails_fast_with_the_log(setup, tmp_path):
+    from reir.engine.triton_server import ServerError, TritonServer
+
+    repo, _ = setup
+    bad = tmp_path / "bad"
+    shutil.copytree(repo, bad)
+    (bad / "retrieve" / "1" / "model.py").write_text("raise RuntimeError('boom at load')\n")
+    srv = TritonServer(bad, SERVER_PYTHON, "pyort")
+    with pytest.raises(ServerError, match=r"boom at load|failed to load"):
+        srv.start(timeout=120)
+    assert srv.proc.poll() is not None
