@@ -1,0 +1,23 @@
+"""reir.engine: the runtime (no torch). The main classes load lazily, so `reir data ...`
+does not pay for onnxruntime or usearch imports."""
+
+from __future__ import annotations
+
+_EXPORTS = {
+    "Engine": "reir.engine.engine",
+    "Bundle": "reir.engine.bundle",
+    "Gallery": "reir.engine.gallery",
+    "Hit": "reir.engine.gallery",
+    "Retriever": "reir.engine.retriever",
+    "TritonRetriever": "reir.engine.triton_client",
+    "AsyncTritonRetriever": "reir.engine.triton_client",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'reir.engine' has no attribute {name!r}")

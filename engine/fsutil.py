@@ -56,6 +56,9 @@ def atomic_directory(out: Path, overwrite: bool = False) -> Iterator[Path]:
         raise OutputExistsError(f"{out}: already exists and is not empty (pass --overwrite to replace it)")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; the result is an ordinary directory
     try:
         yield tmp
     except BaseException:

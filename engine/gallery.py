@@ -213,6 +213,15 @@ class Gallery:
                 self._save_index()
         return ids
 
+    def add_images(
+        self, images: list, engine, tags: dict[str, str] | None = None, batch: int = 32, progress: bool = False
+    ):
+        """Detect and add image files (skipping ones already here by content hash); returns
+        the IndexReport (added, skipped with reasons, ...)."""
+        from .indexer import index_images
+
+        return index_images(self, engine, [Path(p) for p in images], tags, batch, progress=progress)
+
     def remove_images(self, ids: list[int]) -> int:
         self._require_writer()
         with self._lock, self.db:

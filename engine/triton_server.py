@@ -44,15 +44,14 @@ def free_port(host: str = "127.0.0.1") -> int:
 def _env_info(python: Path) -> tuple[Path, str, str]:
     """(pytriton package dir, X.Y, libdir) of the server environment's interpreter."""
     code = (
-        "import os, sys, sysconfig, pytriton; print(os.path.dirname(pytriton.__file__)); "
+        "import importlib.util, sys, sysconfig; "
+        "print(importlib.util.find_spec('pytriton').submodule_search_locations[0]); "
         "print(f'{sys.version_info[0]}.{sys.version_info[1]}'); print(sysconfig.get_config_var('LIBDIR'))"
     )
     res = subprocess.run([str(python), "-c", code], capture_output=True, text=True, timeout=60)
     if res.returncode != 0:
-        raise ServerError(
-            f"{python}: cannot import pytriton ({res.stderr.strip().splitlines()[-1] if res.stderr else 'no output'}); "
-            "build the server environment with `make triton-env`"
-        )
+        why = res.stderr.strip().splitlines()[-1] if res.stderr.strip() else "no output"
+        raise ServerError(f"{python}: nvidia-pytriton not found ({why}); build the environment with `make triton-env`")
     pkg, ver, libdir = res.stdout.split("\n")[:3]
     return Path(pkg), ver, libdir
 

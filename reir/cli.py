@@ -204,7 +204,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_synth(args)
         if args.command == "data":
             return cmd_data(args)
-        if args.command in ("train", "eval"):
+        if args.command == "train" or (args.command == "eval" and not args.bundle):
             from reir.training.cli import run
 
             return run(args)
