@@ -97,6 +97,8 @@ def test_reduced_precision_bundles_pass_their_gates(bundles, precision):
     cos = {g["name"]: g["value"] for g in reduced}
     limit = 0.999 if precision == "fp16" else 0.99
     assert cos["text query min cosine vs fp32"] >= limit
+    if m["graph_precision"]["text_encoder"] != precision:  # fp16 text refused by its gate: said so
+        assert precision == "fp16" and any("fp16 text encoder refused" in n for n in m["probe"]["notes"])
     if precision == "int8":  # only the text encoder is quantised; its MatMuls became integer ops
         import onnx
 
