@@ -188,18 +188,25 @@ def configs(m: dict[str, Any], gallery_root: str, default_gallery: str) -> dict[
     return out
 
 
+REFERENCE_GALLERY_ROOT = "/srv/reir/galleries"  # the checked-in reference layout's placeholder
+
+
+def write_configs(manifest: dict[str, Any], out: Path, gallery_root: str, default_gallery: str) -> None:
+    """Only the config files (what the checked-in `triton_models/` layout holds)."""
+    from google.protobuf import text_format
+
+    for rel, mc in configs(manifest, gallery_root, default_gallery).items():
+        path = Path(out) / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text_format.MessageToString(mc), encoding="utf-8")
+
+
 def write_repository(
     bundle_path: Path, out: Path, gallery_root: Path, default_gallery: str = "", overwrite: bool = False
 ) -> Path:
-    from google.protobuf import text_format
-
     bundle = Bundle.open(bundle_path)
-    m = bundle.manifest
     with atomic_directory(out, overwrite=overwrite) as tmp:
-        for rel, mc in configs(m, str(Path(gallery_root).resolve()), default_gallery).items():
-            path = tmp / rel
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(text_format.MessageToString(mc), encoding="utf-8")
+        write_configs(bundle.manifest, tmp, str(Path(gallery_root).resolve()), default_gallery)
         for name in PYTHON_MODELS:
             (tmp / name / "1").mkdir(parents=True, exist_ok=True)
             shutil.copyfile(MODELS_SRC / name / "1" / "model.py", tmp / name / "1" / "model.py")

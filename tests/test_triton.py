@@ -206,3 +206,16 @@ def test_a_broken_repository_fails_fast_with_the_log(setup, tmp_path):
     with pytest.raises(ServerError, match=r"boom at load|failed to load"):
         srv.start(timeout=120)
     assert srv.proc.poll() is not None
+
+
+def test_checked_in_reference_configs_match_the_generator(tmp_path):
+    from reir.engine.bundle import Bundle
+    from reir.engine.cli import default_bundle
+    from reir.export.triton import REFERENCE_GALLERY_ROOT, write_configs
+
+    write_configs(Bundle.open(default_bundle()).manifest, tmp_path, REFERENCE_GALLERY_ROOT, "main")
+    generated = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*.pbtxt"))
+    checked_in = sorted(p.relative_to(ROOT / "triton_models") for p in (ROOT / "triton_models").rglob("*.pbtxt"))
+    assert generated == checked_in and len(generated) == 13
+    for rel in generated:
+        assert (tmp_path / rel).read_text() == (ROOT / "triton_models" / rel).read_text(), rel
