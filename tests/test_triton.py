@@ -219,3 +219,20 @@ def test_checked_in_reference_configs_match_the_generator(tmp_path):
     assert generated == checked_in and len(generated) == 13
     for rel in generated:
         assert (tmp_path / rel).read_text() == (ROOT / "triton_models" / rel).read_text(), rel
+
+
+@needs_server
+def test_pre_tokenised_ids_skip_the_string_path(setup, server):
+    import tritonclient.grpc as g
+
+    _, local = setup
+    ids, mask, _ = local.engine.text.tokenizer(["the red circle"])
+    inputs = []
+    for name, arr in (("INPUT_IDS", ids), ("ATTENTION_MASK", mask)):
+        t = g.InferInput(name, list(arr.shape), "INT64")
+        t.set_data_from_numpy(arr)
+        inputs.append(t)
+    res = g.InferenceServerClient(server.grpc_url).infer("retrieve", inputs)
+    expected = local.search("the red circle", k=10)
+    assert res.as_numpy("INSTANCE_KEYS")[0].tolist() == [h.instance_key for h in expected]
+    np.testing.assert_allclose(res.as_numpy("SCORES")[0], [h.score for h in expected], atol=1e-4)
