@@ -108,15 +108,12 @@ def run(args: argparse.Namespace) -> int:
         return 2
 
 
-def _bundle_for(gallery_path: Path, given: Path | None) -> Path:
+def _bundle_for(gallery, given: Path | None) -> Path:
+    """--bundle, else the bundle that indexed the (already open) gallery, else the shipped one."""
     if given is not None:
         return given
-    from reir.engine.gallery import Gallery
-
-    if (gallery_path / "gallery.sqlite").is_file():
-        with Gallery.open(gallery_path, progress=False) as g:
-            if g.bundle and Path(g.bundle).is_dir():
-                return Path(g.bundle)
+    if gallery is not None and gallery.bundle and Path(gallery.bundle).is_dir():
+        return Path(gallery.bundle)
     return default_bundle()
 
 
@@ -126,10 +123,16 @@ def _index(args: argparse.Namespace) -> int:
     from reir.engine.indexer import index_images, list_images
 
     paths, problems = list_images(args.source)
-    engine = Engine.open(_bundle_for(args.gallery, args.bundle), args.device, args.threads, args.batch)
+    gallery = None
     if (args.gallery / "gallery.sqlite").is_file():
         gallery = Gallery.open(args.gallery, writable=True, progress=not args.quiet)
-    else:
+    try:
+        engine = Engine.open(_bundle_for(gallery, args.bundle), args.device, args.threads, args.batch)
+    except BaseException:
+        if gallery is not None:
+            gallery.close()
+        raise
+    if gallery is None:
         gallery = Gallery.create(
             args.gallery, engine.dim, args.dtype, model=engine.model_id, bundle=str(engine.bundle.path.resolve())
         )
@@ -162,7 +165,7 @@ def _search(args: argparse.Namespace) -> int:
         raise ValueError("pass --gallery G (embedded engine) or --server URL (Triton)")
     else:
         with Gallery.open(args.gallery, progress=True) as gallery:
-            engine = Engine.open(_bundle_for(args.gallery, args.bundle), threads=args.threads)
+            engine = Engine.open(_bundle_for(gallery, args.bundle), threads=args.threads)
             retriever = Retriever(engine, gallery)
             hits = retriever.search(args.expression, args.k, per_image=not args.all_instances, tags=_tags(args.tags))
             truncated = engine.truncated([args.expression])[0]
@@ -217,7 +220,6 @@ def _eval(args: argparse.Namespace) -> int:
     """The training report, computed through the engine's ONNX graphs."""
     from reir.engine.bundle import Bundle
     from reir.engine.data import load_dataset
-    from reir.engine.fsutil import write_json_atomic
     from reir.engine.protocol import evaluate_retrieval
 
     if args.checkpoint is not None:
@@ -236,10 +238,7 @@ def _eval(args: argparse.Namespace) -> int:
     m = bundle.manifest
     report.meta.update({"bundle": str(args.bundle), "protocol": f"engine: NMS {m['nms_iou']:.2f}, top-{m['topk']}"})
     print(report.table())
-    if args.json:
-        write_json_atomic(args.json, report.to_dict())
-    if args.md:
-        args.md.write_text(report.table() + "\n")
+    report.write(args.json, args.md)
     return 0
 
 

@@ -14,6 +14,7 @@ unreadable one), so a kill at any moment loses nothing that was committed.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -349,18 +350,20 @@ class Gallery:
             bar = tqdm(total=total, desc="rebuilding ANN index", unit="vec", disable=not progress or total == 0)
             cur = self.db.execute("SELECT key, embedding FROM instances ORDER BY key")
             while rows := cur.fetchmany(4096):
-                keys = np.array([r[0] for r in rows], np.uint64)
-                vecs = np.stack([np.frombuffer(r[1], np.float32) for r in rows])
-                self.index.add(keys, vecs, threads=1)
+                self._add_rows(rows)
                 bar.update(len(rows))
             bar.close()
             if self.writable:
                 self._save_index()
 
     # -- internals ----------------------------------------------------------------------
-    def _new_index(self):
-        from usearch.index import Index
+    def _add_rows(self, rows: list[tuple[int, bytes]]) -> None:
+        """(key, embedding blob) rows from SQLite into the ANN index."""
+        keys = np.array([r[0] for r in rows], np.uint64)
+        self.index.add(keys, np.stack([np.frombuffer(r[1], np.float32) for r in rows]), threads=1)
 
+    def _new_index(self):
+        Index = _usearch_index()
         return Index(ndim=self.dim, metric="ip", dtype=self.dtype, **self.hnsw)
 
     def _generation(self) -> int:
@@ -375,12 +378,10 @@ class Gallery:
         write_json_atomic(self.path / "index.json", {"generation": self._generation(), "vectors": len(self.index)})
 
     def _load_or_reconcile(self, progress: bool) -> None:
-        from usearch.index import Index
-
         ann, side = self.path / "index.usearch", self.path / "index.json"
         try:
             stamp = json.loads(side.read_text())
-            index = Index(ndim=self.dim, metric="ip", dtype=self.dtype, **self.hnsw)
+            index = self._new_index()
             index.load(str(ann))
         except (OSError, ValueError, RuntimeError):
             self.rebuild(progress)  # missing or unreadable: SQLite has every embedding
@@ -401,11 +402,7 @@ class Gallery:
             chunk = missing[start : start + 4096]
             q = f"SELECT key, embedding FROM instances WHERE key IN ({','.join('?' * len(chunk))})"
             rows = self.db.execute(q, chunk).fetchall()
-            self.index.add(
-                np.array([r[0] for r in rows], np.uint64),
-                np.stack([np.frombuffer(r[1], np.float32) for r in rows]),
-                threads=1,
-            )
+            self._add_rows(rows)
             bar.update(len(rows))
         bar.close()
         if self.writable:
@@ -427,6 +424,17 @@ class Gallery:
     def _require_writer(self) -> None:
         if not self.writable:
             raise GalleryError(f"{self.path}: opened read-only; open with writable=True to change it")
+
+
+def _usearch_index():
+    """usearch's Index class, imported after onnxruntime: importing onnxruntime once usearch
+    (its numkong extension) is loaded segfaults (measured: onnxruntime 1.32, usearch 2.26.6,
+    opening a gallery and then an engine in one process)."""
+    with contextlib.suppress(ImportError):
+        import onnxruntime  # noqa: F401
+    from usearch.index import Index
+
+    return Index
 
 
 def _connect(path: Path, read_only: bool = False) -> sqlite3.Connection:

@@ -8,8 +8,6 @@ from pathlib import Path
 
 import yaml
 
-from reir.engine.fsutil import write_json_atomic
-
 from .checkpoint import CheckpointError, load_model
 from .config import ConfigError, load_config
 
@@ -44,7 +42,7 @@ def _train(args: argparse.Namespace) -> int:
     if args.eval and trainer.rank == 0:
         report = evaluate_model(trainer.model, trainer.tokenizer, trainer.ds, cfg.eval.split, cfg.eval, not args.quiet)
         print(report.table())
-        write_json_atomic(final.with_suffix(".eval.json"), report.to_dict())
+        report.write(final.with_suffix(".eval.json"))
     return 0
 
 
@@ -63,8 +61,5 @@ def _eval(args: argparse.Namespace) -> int:
     report = evaluate_model(model, load_tokenizer(cfg.model.text), ds, args.split, cfg.eval, not args.quiet)
     report.meta["checkpoint"] = str(Path(args.checkpoint))
     print(report.table())
-    if args.json:
-        write_json_atomic(args.json, report.to_dict())
-    if args.md:
-        args.md.write_text(report.table() + "\n")
+    report.write(args.json, args.md)
     return 0

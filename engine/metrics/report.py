@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -49,6 +50,15 @@ class Report:
 
     def to_json(self, indent: int = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent)
+
+    def write(self, json_path: Path | None = None, md_path: Path | None = None) -> None:
+        """The JSON (atomically) and/or the markdown tables, where asked for."""
+        if json_path:
+            from ..fsutil import write_json_atomic
+
+            write_json_atomic(json_path, self.to_dict())
+        if md_path:
+            Path(md_path).write_text(self.table() + "\n", encoding="utf-8")
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Report:
