@@ -27,9 +27,10 @@ from reir.training.text import load_tokenizer
 
 from . import gates as G
 from .graphs import OPSET, export_text, export_visual, optimize
-from .precision import to_fp16, to_int8
+from .precision import to_fp16, to_int8, to_w16
+from .vocab import kept_ids, trim_embedding, trim_tokenizer
 
-PRECISIONS = ("fp32", "fp16", "int8")
+PRECISIONS = ("fp32", "fp16", "w16", "int8")
 
 
 def export_bundle(
@@ -43,8 +44,11 @@ def export_bundle(
     probe_images: int = 300,
     overwrite: bool = False,
     optimized_copy: bool = True,
+    vocab: int | None = None,
     log=print,
 ) -> dict[str, Any]:
+    """`vocab`: trim the text vocabulary to its `vocab` most frequent tokens plus every token of
+    the synthetic grammar (export/vocab.py); gated like a reduced precision."""
     if precision not in PRECISIONS:
         raise ValueError(f"--precision must be one of {PRECISIONS}, got {precision!r}")
     checkpoint = Path(checkpoint)
@@ -64,12 +68,14 @@ def export_bundle(
         log(f"probe set: {probe_images} synthetic gallery images (seed {G.PROBE_SEED})")
         ds = G.probe_set(work, probe_images)
 
-        def ort_fns(text_graph: Path, visual_graph: Path):
-            return VisualEncoder(visual_graph), TextEncoder(text_graph, Bundle(tmp, {"text": text}).tokenizer())
+        def ort_fns(text_graph: Path, visual_graph: Path, tokenizer_root: Path = tmp):
+            tok = Bundle(tokenizer_root, {"text": text}).tokenizer()
+            return VisualEncoder(visual_graph), TextEncoder(text_graph, tok)
 
         ecfg = EvalConfig(topk=topk, nms_iou=nms_iou)
         ref = (torch_detector(model, ecfg), torch_text_encoder(model, hf_tok))
-        fp32 = ort_fns(work / "text_fp32.onnx", work / "visual_fp32.onnx")
+        shutil.copyfile(tmp / "tokenizer.json", work / "tokenizer.json")
+        fp32 = ort_fns(work / "text_fp32.onnx", work / "visual_fp32.onnx", work)
         log("gate: fp32 ONNX vs PyTorch")
         ref_metrics, fp32_metrics = G.retrieval(ref, ds, hw), G.retrieval(fp32, ds, hw)
         parity = {"fp32_vs_pytorch": G.parity(ref, fp32, ds, hw)}
@@ -80,18 +86,22 @@ def export_bundle(
         text_graph, visual_graph, metrics = work / "text_fp32.onnx", work / "visual_fp32.onnx", fp32_metrics
         graph_precision = {"text_encoder": "fp32", "visual_encoder": "fp32"}
         notes: list[str] = []
-        if precision != "fp32":
+        if vocab:
+            text["vocabulary"] = _trim_vocabulary(tmp, work, vocab, log)
+            notes.append(text["vocabulary"]["note"])
+        if precision != "fp32" or vocab:
             text_graph, visual_graph = _convert(precision, work)
             graph_precision = {
                 "text_encoder": precision,
-                "visual_encoder": precision if precision == "fp16" else "fp32",
+                "visual_encoder": "fp32" if precision == "int8" else precision,
             }
             while True:
                 cand = ort_fns(text_graph, visual_graph)
-                log(f"gate: {precision} vs fp32 ONNX (text {graph_precision['text_encoder']})")
+                log(f"gate: {precision}{' + trimmed vocabulary' if vocab else ''} vs fp32 ONNX")
                 metrics = G.retrieval(cand, ds, hw)
-                parity[f"{precision}_vs_fp32"] = G.parity(fp32, cand, ds, hw)
-                reduced = G.gate_reduced(precision, parity[f"{precision}_vs_fp32"], fp32_metrics, metrics)
+                label = f"{precision}{'_vocab' if vocab else ''}_vs_fp32"
+                parity[label] = G.parity(fp32, cand, ds, hw)
+                reduced = G.gate_reduced(precision, parity[label], fp32_metrics, metrics)
                 log(G.format_gates(reduced))
                 text_only = [g for g in reduced if not g.passed] == [reduced[0]]
                 if precision == "fp16" and text_only and graph_precision["text_encoder"] == "fp16":
@@ -99,18 +109,18 @@ def export_bundle(
                     # encoder flips the choice. The text encoder runs once per query, so keep it
                     # fp32 and the (costly, per gallery image) visual graph fp16.
                     log("text encoder: fp16 failed its gate; keeping it fp32 in this bundle")
-                    text_graph, graph_precision["text_encoder"] = work / "text_fp32.onnx", "fp32"
+                    text_graph, graph_precision["text_encoder"] = work / "text_fp32.onnx.in", "fp32"
                     notes.append(f"fp16 text encoder refused (query min cosine {reduced[0].value:.4f}); kept fp32")
                     continue
                 break
             if not all(g.passed for g in reduced):
-                raise G.GateError(f"{precision} ONNX", reduced)
+                raise G.GateError(f"{precision}{' + trimmed vocabulary' if vocab else ''} ONNX", reduced)
             gates += reduced
         graphs = {}
         for name, src in (("text_encoder", text_graph), ("visual_encoder", visual_graph)):
             shutil.copyfile(src, tmp / f"{name}.onnx")
             graphs[name] = {"file": f"{name}.onnx", "optimized": None}
-            if optimized_copy:
+            if optimized_copy and precision != "w16":  # the optimised copy folds the fp16 weights back to fp32
                 optimize(tmp / f"{name}.onnx", tmp / f"{name}.optimized.onnx")
                 graphs[name]["optimized"] = f"{name}.optimized.onnx"
 
@@ -170,12 +180,36 @@ def export_bundle(
 
 
 def _convert(precision: str, work: Path) -> tuple[Path, Path]:
-    if precision == "fp16":
-        to_fp16(work / "text_fp32.onnx", work / "text_fp16.onnx")
-        to_fp16(work / "visual_fp32.onnx", work / "visual_fp16.onnx")
-        return work / "text_fp16.onnx", work / "visual_fp16.onnx"
-    to_int8(work / "text_fp32.onnx", work / "text_int8.onnx")
-    return work / "text_int8.onnx", work / "visual_fp32.onnx"
+    """The candidate graphs; the text graph starts from `text_fp32.onnx.in` (trimmed or not)."""
+    text_in, visual_in = work / "text_fp32.onnx.in", work / "visual_fp32.onnx"
+    if not text_in.exists():
+        shutil.copyfile(work / "text_fp32.onnx", text_in)
+    convert = {"fp32": None, "fp16": to_fp16, "w16": to_w16, "int8": to_int8}[precision]
+    if convert is None:
+        return text_in, visual_in
+    convert(text_in, work / f"text_{precision}.onnx")
+    if precision == "int8":  # quantised convolutions have no ORT CPU kernel
+        return work / "text_int8.onnx", visual_in
+    convert(visual_in, work / f"visual_{precision}.onnx")
+    return work / f"text_{precision}.onnx", work / f"visual_{precision}.onnx"
+
+
+def _trim_vocabulary(tmp: Path, work: Path, keep_first: int, log) -> dict[str, Any]:
+    """Trim tokenizer.json in the bundle and write work/text_fp32.onnx.in with the kept rows."""
+    from reir.engine.synth.grammar import vocabulary
+
+    full = json.loads((tmp / "tokenizer.json").read_text(encoding="utf-8"))
+    size = len(full["model"]["vocab"])
+    ids = kept_ids(full, keep_first, sorted(vocabulary()))
+    saved = trim_embedding(work / "text_fp32.onnx", work / "text_fp32.onnx.in", ids, size)
+    (tmp / "tokenizer.json").write_text(json.dumps(trim_tokenizer(full, ids)), encoding="utf-8")
+    note = (
+        f"text vocabulary trimmed to {len(ids)} of {size} WordPiece tokens (the {keep_first} most frequent, "
+        f"every character piece, every word of the synthetic grammar): {saved / 1e6:.1f} MB less in fp32; "
+        "rarer words tokenize into kept pieces"
+    )
+    log(note)
+    return {"kept": len(ids), "of": size, "keep_first": keep_first, "note": note}
 
 
 def _write_tokenizer(hf_tok, out: Path, max_length: int, pad_to_max: bool) -> dict[str, Any]:

@@ -18,7 +18,19 @@ def add_parser(sub) -> None:
     p.add_argument("bundle", nargs="?", type=Path, help="with 'trt' or 'triton': the bundle directory")
     p.add_argument("--gallery", type=Path, help="triton: the gallery `retrieve` serves (its parent = the gallery root)")
     p.add_argument("--out", type=Path, help="bundle directory to write (atomically)")
-    p.add_argument("--precision", choices=["fp32", "fp16", "int8"], default=None, help="default fp32 (trt: fp16)")
+    p.add_argument(
+        "--precision",
+        choices=["fp32", "fp16", "w16", "int8"],
+        default=None,
+        help="default fp32 (trt: fp16); w16 = fp16 weights, fp32 compute (half the size, for CPU)",
+    )
+    p.add_argument(
+        "--vocab",
+        type=int,
+        default=None,
+        metavar="N",
+        help="trim the text vocabulary to its N most frequent tokens + the synthetic grammar's (gated)",
+    )
     p.add_argument("--static-shape", metavar="HxW", help="fixed-shape graphs (Jetson/DLA): batch = --max-batch")
     p.add_argument("--max-batch", type=int, default=32)
     p.add_argument("--topk", type=int, default=30, help="instances kept per image after NMS")
@@ -72,6 +84,8 @@ def _export(args: argparse.Namespace) -> int:
         raise ValueError("--out BUNDLE is required")
     if args.max_batch < 1 or args.topk < 1 or not 0 < args.nms_iou <= 1:
         raise ValueError("--max-batch and --topk must be >= 1 and --nms-iou in (0, 1]")
+    if args.vocab is not None and args.vocab < 1000:
+        raise ValueError(f"--vocab {args.vocab}: keep at least the first 1000 ids (special tokens and characters)")
     export_bundle(
         Path(args.source),
         args.out,
@@ -83,6 +97,7 @@ def _export(args: argparse.Namespace) -> int:
         probe_images=args.probe_images,
         overwrite=args.overwrite,
         optimized_copy=not args.no_optimized_copy,
+        vocab=args.vocab,
     )
     return 0
 

@@ -72,7 +72,7 @@ def build_mode(trt_version: str, precision: str, bundle_precision: str) -> str:
             f"TensorRT {trt_version} builds strongly typed networks: FP16 must be in the ONNX. "
             "Export an fp16 bundle first (reir export CKPT --out B --precision fp16)"
         )
-    if precision == "fp32" and bundle_precision != "fp32":
+    if precision == "fp32" and bundle_precision not in ("fp32", "w16"):  # w16 computes in fp32
         raise ValueError(f"an fp32 engine needs an fp32 bundle (this one is {bundle_precision})")
     return "strong"
 

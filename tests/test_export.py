@@ -30,6 +30,8 @@ def bundles(tiny_run, tiny_bundle, tmp_path_factory):
     for precision in ("fp16", "int8"):
         out[precision] = root / precision
         export_bundle(ckpt, out[precision], precision=precision, probe_images=PROBE, log=lambda *_: None)
+    out["w16"] = root / "w16"
+    export_bundle(ckpt, out["w16"], precision="w16", vocab=2000, probe_images=PROBE, log=lambda *_: None)
     return out
 
 
@@ -109,6 +111,48 @@ def test_reduced_precision_bundles_pass_their_gates(bundles, precision):
 
         types = {i.data_type for i in onnx.load(str(bundles["fp16"] / "visual_encoder.onnx")).graph.initializer}
         assert onnx.TensorProto.FLOAT16 in types
+
+
+def test_w16_bundle_with_trimmed_vocabulary_is_smaller_and_answers_like_fp32(bundles):
+    """fp16-stored weights + a trimmed vocabulary: the default model's size recipe."""
+    import onnx
+
+    from reir.engine.synth.grammar import vocabulary
+
+    full, small = Bundle.open(bundles["fp32"]), Bundle.open(bundles["w16"])
+    m = small.manifest
+    assert m["precision"] == "w16" and all(g["passed"] for g in m["probe"]["gates"])
+    gates = {g["name"]: g["value"] for g in m["probe"]["gates"]}
+    assert gates["text query min cosine vs fp32"] >= 0.999
+    voc = m["text"]["vocabulary"]
+    assert 2000 < voc["kept"] < voc["of"] and any("vocabulary trimmed" in n for n in m["probe"]["notes"])
+    size = {k: m["files"][k]["bytes"] for k in ("text_encoder.onnx", "visual_encoder.onnx")}
+    full_size = {k: full.manifest["files"][k]["bytes"] for k in size}
+    assert size["visual_encoder.onnx"] < 0.55 * full_size["visual_encoder.onnx"]  # fp16 storage
+    assert size["text_encoder.onnx"] < 0.5 * full_size["text_encoder.onnx"]  # + fewer embedding rows
+    ops = {n.op_type for n in onnx.load(str(bundles["w16"] / "visual_encoder.onnx")).graph.node}
+    assert "Cast" in ops and "Conv" in ops  # weights cast up: the convolutions compute in fp32
+    # In-domain text: the same pieces as the full vocabulary, so the same query.
+    texts = [*sorted(vocabulary())[:40], "the crimson rhombus beneath the azure pentagram"]
+    vocab_full = {
+        i: t for t, i in json.loads((bundles["fp32"] / "tokenizer.json").read_text())["model"]["vocab"].items()
+    }
+    vocab_small = {
+        i: t for t, i in json.loads((bundles["w16"] / "tokenizer.json").read_text())["model"]["vocab"].items()
+    }
+    ids_full, mask, _ = full.tokenizer()(texts)
+    ids_small, mask_small, _ = small.tokenizer()(texts)
+    assert (mask == mask_small).all()
+    assert [[vocab_full[int(i)] for i in row] for row in ids_full] == [
+        [vocab_small[int(i)] for i in row] for row in ids_small
+    ]
+    q_full, q_small = full.text_encoder()(texts), small.text_encoder()(texts)
+    cos = (q_full * q_small).sum(1) / np.linalg.norm(q_full, axis=1) / np.linalg.norm(q_small, axis=1)
+    assert cos.min() >= 0.999
+    # A word outside the kept tokens splits into kept pieces, never [UNK].
+    ids, mask, _ = small.tokenizer()(["the chihuahua on the sofa"])
+    unk = json.loads((bundles["w16"] / "tokenizer.json").read_text())["model"]["vocab"]["[UNK]"]
+    assert unk not in ids[0][mask[0] > 0]
 
 
 def test_static_shape_bundle_for_jetson(tiny_run, tmp_path):

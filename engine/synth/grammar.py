@@ -146,22 +146,27 @@ class Phraser:
 
 def train_vocabulary() -> set[str]:
     """Every word a train-lexicon expression can contain."""
+    return vocabulary(novel=False)
+
+
+def vocabulary(novel: bool = True) -> set[str]:
+    """Every word an expression can contain: the train lexicon, and with `novel` the novel one.
+
+    The exporter keeps these words' tokens when it trims a text encoder's vocabulary."""
+    lexicons = (0, 1) if novel else (0,)
     words: set[str] = set()
 
-    def add(s: str) -> None:
-        words.update(s.replace("{", " {").replace("}", "} ").split())
+    def add(phrasings: tuple[list[str], list[str]]) -> None:
+        for i in lexicons:
+            for s in phrasings[i]:
+                words.update(s.replace("{", " {").replace("}", "} ").split())
 
     for table in WORDS.values():
-        for train, _ in table.values():
-            for w in train:
-                add(w)
-    for train, _ in SUPERLATIVES.values():
-        for t in train:
-            add(t)
-    for t in ORDINAL_TEMPLATES[0] + RELATION_TEMPLATES[0] + ATTRIBUTE_TEMPLATES[0]:
-        add(t)
-    for train, _ in LOCATION_TEMPLATES.values():
-        for t in train:
-            add(t)
-    words.update(o[0] for o in ORDINALS.values())
+        for phrasings in table.values():
+            add(phrasings)
+    for phrasings in SUPERLATIVES.values():
+        add(phrasings)
+    for phrasings in (ORDINAL_TEMPLATES, RELATION_TEMPLATES, ATTRIBUTE_TEMPLATES, *LOCATION_TEMPLATES.values()):
+        add(phrasings)
+    words.update(o[i] for o in ORDINALS.values() for i in lexicons)
     return {w for w in words if not w.startswith("{")}
