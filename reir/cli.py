@@ -80,11 +80,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--md", type=Path, help="write the report as a markdown table")
     p.add_argument("--quiet", action="store_true")
 
+    from reir.benchmarks.cli import add_parser as add_bench_parser
     from reir.engine.cli import add_parsers as add_engine_parsers
     from reir.export.cli import add_parser as add_export_parser
 
     add_export_parser(sub)
     add_engine_parsers(sub)
+    add_bench_parser(sub)
 
     p = sub.add_parser("demo", help="the main job: generate, index and query a synthetic gallery")
     p.add_argument("--out", type=Path, default=Path("reir-demo"))
@@ -218,6 +220,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from reir.export.cli import run as run_export
 
             return run_export(args)
+        if args.command == "bench":
+            from reir.benchmarks.cli import run as run_bench
+
+            return run_bench(args)
         if args.command == "demo":
             from reir.demo import run_demo
 

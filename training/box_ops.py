@@ -49,7 +49,7 @@ def nms(boxes: Tensor, scores: Tensor, iou_threshold: float, max_keep: int | Non
     order = torch.sort(scores, descending=True, stable=True).indices
     if order.numel() == 0:
         return order
-    iou = box_iou(boxes[order], boxes[order])[0]
+    iou = box_iou(boxes[order], boxes[order])[0].cpu()  # the greedy loop runs on the host (one copy on a GPU)
     n = order.numel()
     suppressed = torch.zeros(n, dtype=torch.bool)
     keep: list[int] = []
@@ -60,4 +60,4 @@ def nms(boxes: Tensor, scores: Tensor, iou_threshold: float, max_keep: int | Non
         if max_keep is not None and len(keep) >= max_keep:
             break
         suppressed |= iou[i] > iou_threshold
-    return order[torch.tensor(keep, dtype=torch.long)]
+    return order[torch.tensor(keep, dtype=torch.long, device=order.device)]

@@ -65,7 +65,7 @@ class Detector(nn.Module):
         x = images.permute(0, 3, 1, 2).float() / 255.0
         out = self.model.encode_image(x)
         scores = out["objectness"][-1].sigmoid()  # [B, Q]
-        scale = torch.tensor([w, h, w, h], dtype=scores.dtype)  # static: H and W are fixed in the graph
+        scale = torch.tensor([w, h, w, h], dtype=scores.dtype, device=scores.device)  # static H, W in the graph
         boxes = cxcywh_to_xyxy(out["boxes"][-1]) * scale
         emb = out["embeddings"][-1]
         batch = images.shape[0]

@@ -105,7 +105,7 @@ def _render_all(cfg: SynthConfig, image_dir: Path, progress: bool) -> Iterator[R
     bar.close()
 
 
-def build_dataset(cfg: SynthConfig, rendered: Sequence[Rendered], root: Path) -> Dataset:
+def build_dataset(cfg: SynthConfig, rendered: Sequence[Rendered], root: Path, progress: bool = False) -> Dataset:
     ds = Dataset(root=root, image_root=root / "images")
     next_inst, next_expr = 1, 1
     scenes: dict[int, tuple[list[SceneObject], list[int]]] = {}
@@ -129,11 +129,11 @@ def build_dataset(cfg: SynthConfig, rendered: Sequence[Rendered], root: Path) ->
                 )
                 next_expr += 1
     for split in ANSWER_SPLITS[cfg.answers]:
-        _attach_answers(ds, scenes, split, cfg.size)
+        _attach_answers(ds, scenes, split, cfg.size, progress)
     return ds
 
 
-def _attach_answers(ds: Dataset, scenes: dict, split: str, size: int) -> None:
+def _attach_answers(ds: Dataset, scenes: dict, split: str, size: int, progress: bool = False) -> None:
     """Exact answer sets: every instance of the split's gallery each expression is true of.
 
     Instances are first filtered on the target's attributes with numpy; the full
@@ -156,7 +156,7 @@ def _attach_answers(ds: Dataset, scenes: dict, split: str, size: int) -> None:
         return np.unique(inst_img[mask])
 
     cache: dict[str, tuple[int, ...]] = {}  # test and test-novel share logical forms
-    for e in queries:
+    for e in tqdm(queries, desc=f"answer sets ({split})", unit="expr", disable=not progress, mininterval=1.0):
         logic = e.logic
         key = json.dumps(logic, sort_keys=True)
         if key in cache:
@@ -180,7 +180,7 @@ def generate(out: Path, cfg: SynthConfig, overwrite: bool = False, progress: boo
         image_dir.mkdir()
         t0 = time.perf_counter()
         rendered = list(_render_all(cfg, image_dir, progress))
-        ds = build_dataset(cfg, rendered, tmp)
+        ds = build_dataset(cfg, rendered, tmp, progress)
         elapsed = time.perf_counter() - t0
         ds.meta = {
             "description": "clare-reir synthetic REIR benchmark",

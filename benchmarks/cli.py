@@ -1,0 +1,67 @@
+"""`reir bench micro|report`: the benchmarks from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+RESULTS = Path("benchmarks/results")
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("bench", help="benchmarks: `micro` (pytest-benchmark) or `report` (the full report)")
+    bench = p.add_subparsers(dest="bench_command", required=True)
+    r = bench.add_parser("report", help="measure everything; write <machine>-<date>.json/.md + figures")
+    r.add_argument("--out", type=Path, default=RESULTS)
+    r.add_argument("--bundle", type=Path, help="default: the shipped model")
+    r.add_argument("--work", type=Path, help="keep generated galleries here (reused by the next run)")
+    r.add_argument("--full", action="store_true", help="add the 100k-image tier (about 30 min more on 2 cores)")
+    r.add_argument("--sections", default="stages,indexes,two_stage,end_to_end", help="comma-separated subset")
+    r.add_argument("--rerender", type=Path, metavar="JSON", help="redraw figures and markdown from a stored JSON")
+    m = bench.add_parser("micro", help="pytest-benchmark micro-benchmarks; JSON to --out")
+    m.add_argument("--out", type=Path, default=RESULTS)
+    m.add_argument("--threads", type=int, default=0, help="ONNX Runtime / torch threads (0: all cores)")
+    m.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the PyTorch eager rows run")
+    m.add_argument("-k", dest="select", help="pytest -k expression, e.g. 'text_encode'")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.bench_command == "report":
+        from .report import SECTIONS, rerender, run_report
+
+        if args.rerender:
+            print(rerender(args.rerender))
+            return 0
+        sections = tuple(s.strip() for s in args.sections.split(",") if s.strip())
+        if not sections or set(sections) - set(SECTIONS):
+            bad = sorted(set(sections) - set(SECTIONS))
+            print(f"reir: error: --sections: unknown {bad or 'none given'}; choose from {SECTIONS}", file=sys.stderr)
+            return 2
+        run_report(args.out, args.bundle, args.work, args.full, sections)
+        return 0
+    from .common import machine
+    from .report import slug
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    name = f"micro-{slug(machine())}-{datetime.now(UTC).date().isoformat()}.json"
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        str(Path(__file__).resolve().parent / "micro"),
+        "--benchmark-only",
+        "-p",
+        "no:cacheprovider",
+        "-q",
+        f"--benchmark-json={args.out / name}",
+        "--benchmark-columns=median,iqr,ops,rounds",
+        "--benchmark-sort=name",
+    ]
+    if args.select:
+        cmd += ["-k", args.select]
+    env = dict(os.environ, REIR_BENCH_THREADS=str(args.threads), REIR_BENCH_DEVICE=args.device)
+    return subprocess.call(cmd, env=env)

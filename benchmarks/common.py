@@ -1,0 +1,161 @@
+"""What every benchmark shares: the machine record, latency summaries, and one encoded
+synthetic gallery (generated, run through the visual encoder once, cached as .npz) that the
+index, two-stage and stage benchmarks all draw from."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+def machine() -> dict[str, object]:
+    """CPU, cores, memory, GPU and package versions: stored with every result."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = 0
+    with contextlib.suppress(ValueError, OSError, AttributeError):
+        mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    gpu = None
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
+        gpu = out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        pass
+    versions = {}
+    for pkg in ("clare-reir", "numpy", "onnxruntime", "onnxruntime-gpu", "usearch", "faiss-cpu", "torch", "tokenizers"):
+        with contextlib.suppress(PackageNotFoundError):
+            versions[pkg] = version(pkg)
+    return {
+        "host": platform.node(),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_GiB": round(mem / 2**30, 1),
+        "gpu": gpu,
+        "python": platform.python_version(),
+        "os": platform.platform(),
+        "versions": versions,
+    }
+
+
+def machine_label(m: dict) -> str:
+    gpu = f", {m['gpu']}" if m.get("gpu") else ", no GPU"
+    return f"{m['cpu']}, {m['cores']} cores{gpu}"
+
+
+def summarise_ms(seconds: list[float] | np.ndarray) -> dict[str, float]:
+    ms = np.asarray(seconds, dtype=np.float64) * 1000
+    return {
+        "p50_ms": round(float(np.percentile(ms, 50)), 3),
+        "p95_ms": round(float(np.percentile(ms, 95)), 3),
+        "p99_ms": round(float(np.percentile(ms, 99)), 3),
+        "mean_ms": round(float(ms.mean()), 3),
+        "n": len(ms),
+    }
+
+
+def time_each(fn: Callable, args: list, warmup: int = 3) -> list[float]:
+    """Seconds per call of `fn(a)` for each `a`, after `warmup` calls."""
+    for a in args[:warmup]:
+        fn(a)
+    out = []
+    for a in args:
+        t = time.perf_counter()
+        fn(a)
+        out.append(time.perf_counter() - t)
+    return out
+
+
+@dataclass
+class EncodedGallery:
+    """A synthetic gallery run through the visual encoder: every kept instance, and the
+    test expressions with their query vectors (text encoder)."""
+
+    root: Path  # the generated dataset
+    image_ids: np.ndarray  # [N] gallery images
+    offsets: np.ndarray  # [N + 1] instance range of each image
+    embeddings: np.ndarray  # [I, D] float32
+    boxes: np.ndarray  # [I, 4] original pixels
+    scores: np.ndarray  # [I]
+    instance_image: np.ndarray  # [I] image id of each instance
+    expr_ids: np.ndarray  # [Q]
+    texts: list[str]
+    queries: np.ndarray  # [Q, D]
+
+    def dataset(self):
+        from reir.engine.data import load_dataset
+
+        return load_dataset(self.root)
+
+
+def encoded_gallery(bundle, images: int, work: Path, seed: int = 90, threads: int = 0) -> EncodedGallery:
+    """Generate `images` test-gallery images, encode them (cached by bundle, size and seed)."""
+    from reir.engine.data import load_dataset
+    from reir.engine.protocol import encode_gallery
+    from reir.engine.synth import SynthConfig, generate
+
+    root = work / f"synth-{images}-{seed}"
+    model = bundle.manifest["files"]["visual_encoder.onnx"]["sha256"][:12]
+    cache = work / f"encoded-{images}-{seed}-{model}.npz"
+    if not root.exists():  # written atomically: present means complete
+        # Worker processes pay off only for big galleries (each starts a fresh interpreter).
+        workers = min(8, os.cpu_count() or 1) if images >= 20_000 else 1
+        cfg = SynthConfig(images=images, seed=seed, fractions=(0, 0, 1), workers=workers)
+        generate(root, cfg, progress=True)
+    ds = load_dataset(root)
+    exprs = sorted(ds.split_expressions("test"), key=lambda e: e.id)
+    texts = [e.text for e in exprs]
+    if not cache.exists():
+        ids = ds.gallery_image_ids("test")
+        visual = bundle.visual_encoder(threads=threads)
+        dets, problems = encode_gallery(visual, [ds.image_path(i) for i in ids], bundle.input_hw, batch=32)
+        if problems:
+            raise RuntimeError(f"benchmark gallery has unreadable images: {problems[:3]}")
+        counts = np.array([len(d.scores) for d in dets])
+        queries = bundle.text_encoder(threads=threads)(texts)
+        tmp = cache.with_suffix(".tmp.npz")
+        np.savez(
+            tmp,
+            image_ids=np.asarray(ids),
+            offsets=np.concatenate([[0], np.cumsum(counts)]),
+            embeddings=np.concatenate([d.embeddings for d in dets]).astype(np.float32),
+            boxes=np.concatenate([d.boxes for d in dets]),
+            scores=np.concatenate([d.scores for d in dets]),
+            instance_image=np.repeat(np.asarray(ids), counts),
+            expr_ids=np.array([e.id for e in exprs]),
+            queries=queries.astype(np.float32),
+        )
+        os.replace(tmp, cache)
+    z = np.load(cache)
+    return EncodedGallery(
+        root,
+        z["image_ids"],
+        z["offsets"],
+        z["embeddings"],
+        z["boxes"],
+        z["scores"],
+        z["instance_image"],
+        z["expr_ids"],
+        texts,
+        z["queries"],
+    )

@@ -1,0 +1,143 @@
+"""The report's figures (matplotlib, PNG). Each names the machine it was measured on."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def figures(report: dict, out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    paths = []
+    for draw in (_gallery_size, _recall_latency, _stages):
+        p = draw(report, out)
+        if p is not None:
+            paths.append(p)
+    return paths
+
+
+def _save(fig, report: dict, out: Path, what: str) -> Path:
+    fig.suptitle(f"{fig._suptitle.get_text() if fig._suptitle else ''}\n{report['machine_label']}", fontsize=9)
+    path = out / f"{report['name']}-{what}.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path
+
+
+def _gallery_size(report: dict, out: Path) -> Path | None:
+    import matplotlib.pyplot as plt
+
+    rows, idx = report.get("two_stage"), report.get("indexes")
+    if not rows and not idx:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    if rows:
+        ax = axes[0]
+        x = [r["images"] for r in rows]
+        for key, label in (("clare", "CLARE: text + one ANN search"), ("two_stage", f"two-stage (m = {rows[0]['m']})")):
+            ax.plot(x, [r["latency"][key]["p50_ms"] for r in rows], "o-", label=label)
+        ax.set(xscale="log", yscale="log", xlabel="gallery images", ylabel="query latency p50 (ms)")
+        ax.set_title("query latency vs gallery size", fontsize=10)
+        ax.legend(fontsize=8)
+        ax.grid(True, which="both", alpha=0.3)
+    if idx:
+        ax = axes[1]
+        for name, ef in (
+            ("numpy exact", None),
+            ("faiss IndexFlatIP", None),
+            ("faiss HNSWFlat", 64),
+            ("usearch f16", 64),
+        ):
+            pts = sorted(
+                (r["vectors"], r["k10_p50_ms"]) for r in idx if r["index"] == name and r["expansion_search"] == ef
+            )
+            if pts:
+                ax.plot(*zip(*pts, strict=True), "o-", label=name + (f" (ef {ef})" if ef else ""))
+        ax.set(xscale="log", yscale="log", xlabel="vectors (256-d)", ylabel="search p50, k = 10 (ms)")
+        ax.set_title("one ANN search vs index size", fontsize=10)
+        ax.legend(fontsize=8)
+        ax.grid(True, which="both", alpha=0.3)
+    fig.suptitle("cost vs gallery size")
+    return _save(fig, report, out, "gallery-size")
+
+
+def _recall_latency(report: dict, out: Path) -> Path | None:
+    import matplotlib.pyplot as plt
+
+    idx = report.get("indexes")
+    if not idx:
+        return None
+    sizes = sorted({r["vectors"] for r in idx})[-2:]
+    fig, axes = plt.subplots(1, len(sizes), figsize=(5.5 * len(sizes), 4.2), squeeze=False)
+    for ax, n in zip(axes[0], sizes, strict=True):
+        for name in dict.fromkeys(r["index"] for r in idx):
+            pts = sorted((r["k10_p50_ms"], r["recall@10"]) for r in idx if r["vectors"] == n and r["index"] == name)
+            if pts:
+                ax.plot(*zip(*pts, strict=True), "o-" if len(pts) > 1 else "s", label=name)
+        ax.set(xscale="log", xlabel="search p50, k = 10 (ms, one thread)", ylabel="recall@10 vs exact")
+        ax.set_title(f"{n:,} vectors, 256-d (points: expansion_search 16..256)", fontsize=9)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle("recall vs latency per index setting")
+    return _save(fig, report, out, "recall-latency")
+
+
+def _stages(report: dict, out: Path) -> Path | None:
+    import matplotlib.pyplot as plt
+
+    st, rows = report.get("stages"), report.get("two_stage")
+    if not st:
+        return None
+    q = st["query"]
+    bars = [
+        (
+            f"CLARE query ({q['gallery_images']:,} images)",
+            {
+                "tokenize": q["tokenize_ms"],
+                "text encoder": q["text_encoder_ms"],
+                "ANN search": q["ann_search_ms"],
+                "hit metadata": q["hit_metadata_ms"],
+            },
+        )
+    ]
+    if rows:
+        r = rows[-1]
+        s = r["latency"]["two_stage"]["stages_p50_ms"]
+        bars.append(
+            (
+                f"two-stage query ({r['images']:,} images, m = {r['m']})",
+                {
+                    "text encoder": s["text"],
+                    "ANN search": s["search"],
+                    "read images": s["read"],
+                    "grounding": s["ground"],
+                },
+            )
+        )
+    im = st["image"]
+    bars.append(
+        (
+            "indexing, per image",
+            {"read + resize": im["read_resize_ms_per_image"], "visual encoder": im["visual_encoder_ms_per_image"]},
+        )
+    )
+    colors = {}
+    palette = plt.get_cmap("tab10")
+    fig, ax = plt.subplots(figsize=(10, 1.2 + 0.8 * len(bars)))
+    for y, (_label, parts) in enumerate(bars):
+        left = 0.0
+        for part, ms in parts.items():
+            c = colors.setdefault(part, palette(len(colors)))
+            ax.barh(y, ms, left=left, color=c, label=part if part not in ax.get_legend_handles_labels()[1] else None)
+            left += ms
+        ax.text(left, y, f" {left:.1f} ms", va="center", fontsize=8)
+    ax.set_yticks(range(len(bars)), [b[0] for b in bars], fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("ms (median; log scale)")
+    ax.legend(fontsize=7, ncol=4, loc="lower right")
+    fig.suptitle("latency breakdown per stage")
+    return _save(fig, report, out, "stages")
