@@ -114,13 +114,14 @@ def encoded_gallery(bundle, images: int, work: Path, seed: int = 90, threads: in
     from reir.engine.protocol import encode_gallery
     from reir.engine.synth import SynthConfig, generate
 
-    root = work / f"synth-{images}-{seed}"
+    root = work / f"synth-{images}-{seed}-e1"
     model = bundle.manifest["files"]["visual_encoder.onnx"]["sha256"][:12]
     cache = work / f"encoded-{images}-{seed}-{model}.npz"
     if not root.exists():  # written atomically: present means complete
         # Worker processes pay off only for big galleries (each starts a fresh interpreter).
         workers = min(8, os.cpu_count() or 1) if images >= 20_000 else 1
-        cfg = SynthConfig(images=images, seed=seed, fractions=(0, 0, 1), workers=workers)
+        # One expression per image: plenty of queries, and half the exact-answer work of the default.
+        cfg = SynthConfig(images=images, seed=seed, fractions=(0, 0, 1), exprs_per_image=1, workers=workers)
         generate(root, cfg, progress=True)
     ds = load_dataset(root)
     exprs = sorted(ds.split_expressions("test"), key=lambda e: e.id)

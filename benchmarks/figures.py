@@ -127,7 +127,7 @@ def _stages(report: dict, out: Path) -> Path | None:
     )
     colors = {}
     palette = plt.get_cmap("tab10")
-    fig, ax = plt.subplots(figsize=(10, 1.2 + 0.8 * len(bars)))
+    fig, ax = plt.subplots(figsize=(10, 1.8 + 0.8 * len(bars)))
     for y, (_label, parts) in enumerate(bars):
         left = 0.0
         for part, ms in parts.items():
@@ -136,8 +136,7 @@ def _stages(report: dict, out: Path) -> Path | None:
             left += ms
         ax.text(left, y, f" {left:.1f} ms", va="center", fontsize=8)
     ax.set_yticks(range(len(bars)), [b[0] for b in bars], fontsize=8)
-    ax.set_xscale("log")
-    ax.set_xlabel("ms (median; log scale)")
-    ax.legend(fontsize=7, ncol=4, loc="lower right")
+    ax.set_xlabel("ms (median per stage, stacked)")
+    ax.legend(fontsize=7, ncol=5, loc="upper center", bbox_to_anchor=(0.5, -0.35))
     fig.suptitle("latency breakdown per stage")
     return _save(fig, report, out, "stages")

@@ -128,10 +128,13 @@ def test_w16_bundle_with_trimmed_vocabulary_is_smaller_and_answers_like_fp32(bun
     assert 2000 < voc["kept"] < voc["of"] and any("vocabulary trimmed" in n for n in m["probe"]["notes"])
     size = {k: m["files"][k]["bytes"] for k in ("text_encoder.onnx", "visual_encoder.onnx")}
     full_size = {k: full.manifest["files"][k]["bytes"] for k in size}
-    assert size["visual_encoder.onnx"] < 0.55 * full_size["visual_encoder.onnx"]  # fp16 storage
+    # fp16 storage (small tensors, under 1024 elements, and the graph itself stay as they were)
+    assert size["visual_encoder.onnx"] < 0.75 * full_size["visual_encoder.onnx"]
     assert size["text_encoder.onnx"] < 0.5 * full_size["text_encoder.onnx"]  # + fewer embedding rows
-    ops = {n.op_type for n in onnx.load(str(bundles["w16"] / "visual_encoder.onnx")).graph.node}
-    assert "Cast" in ops and "Conv" in ops  # weights cast up: the convolutions compute in fp32
+    visual = onnx.load(str(bundles["w16"] / "visual_encoder.onnx")).graph
+    large = [t for t in visual.initializer if np.prod(t.dims) >= 1024]
+    assert large and all(t.data_type == onnx.TensorProto.FLOAT16 for t in large)
+    assert {"Cast", "Conv"} <= {n.op_type for n in visual.node}  # weights cast up: convolutions compute in fp32
     # In-domain text: the same pieces as the full vocabulary, so the same query.
     texts = [*sorted(vocabulary())[:40], "the crimson rhombus beneath the azure pentagram"]
     vocab_full = {
@@ -241,6 +244,7 @@ def test_trt_profiles_and_build_modes():
     assert set(s["visual_encoder"].shapes["images"]) == {(4, 128, 96, 3)}  # min = opt = max (DLA)
     assert build_mode("10.3.0", "fp16", "fp32") == "weak"  # JetPack 6: FP16 builder flag
     assert build_mode("11.4.0.106", "fp16", "fp16") == "strong"
+    assert build_mode("11.4.0", "fp32", "w16") == "strong"  # w16 computes in fp32
     with pytest.raises(ValueError, match="strongly typed"):
         build_mode("11.4.0", "fp16", "fp32")
     with pytest.raises(ValueError, match="not int8"):
