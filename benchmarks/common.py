@@ -10,7 +10,7 @@ import platform
 import subprocess
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -101,27 +101,43 @@ class EncodedGallery:
     expr_ids: np.ndarray  # [Q]
     texts: list[str]
     queries: np.ndarray  # [Q, D]
+    _dataset: object = field(default=None, init=False, repr=False)
 
     def dataset(self):
-        from reir.engine.data import load_dataset
+        """The generated dataset, loaded once (2.5M instances at 100k images take a while)."""
+        if self._dataset is None:
+            from reir.engine.data import load_dataset
 
-        return load_dataset(self.root)
+            self._dataset = load_dataset(self.root)
+        return self._dataset
 
 
-def encoded_gallery(bundle, images: int, work: Path, seed: int = 90, threads: int = 0) -> EncodedGallery:
-    """Generate `images` test-gallery images, encode them (cached by bundle, size and seed)."""
+def encoded_gallery(
+    bundle, images: int, work: Path, seed: int = 90, threads: int = 0, answers: bool = True
+) -> EncodedGallery:
+    """Generate `images` test-gallery images, encode them (cached by bundle, size and seed).
+
+    `answers=False` skips the exact answer sets (their cost grows with expressions x images:
+    minutes at 10k images, hours at 100k), for latency-only tiers."""
     from reir.engine.data import load_dataset
     from reir.engine.protocol import encode_gallery
     from reir.engine.synth import SynthConfig, generate
 
-    root = work / f"synth-{images}-{seed}-e1"
+    root = work / f"synth-{images}-{seed}-e1{'' if answers else '-noanswers'}"
     model = bundle.manifest["files"]["visual_encoder.onnx"]["sha256"][:12]
-    cache = work / f"encoded-{images}-{seed}-{model}.npz"
+    cache = work / f"encoded-{root.name}-{model}.npz"
     if not root.exists():  # written atomically: present means complete
         # Worker processes pay off only for big galleries (each starts a fresh interpreter).
         workers = min(8, os.cpu_count() or 1) if images >= 20_000 else 1
         # One expression per image: plenty of queries, and half the exact-answer work of the default.
-        cfg = SynthConfig(images=images, seed=seed, fractions=(0, 0, 1), exprs_per_image=1, workers=workers)
+        cfg = SynthConfig(
+            images=images,
+            seed=seed,
+            fractions=(0, 0, 1),
+            exprs_per_image=1,
+            answers="eval" if answers else "none",
+            workers=workers,
+        )
         generate(root, cfg, progress=True)
     ds = load_dataset(root)
     exprs = sorted(ds.split_expressions("test"), key=lambda e: e.id)

@@ -141,7 +141,16 @@ def latency(g: EncodedGallery, bundle, n_images: int, m: int, texts: list[str], 
     return out
 
 
-def run(g: EncodedGallery, bundle, tiers: list[int], m: int = 20, n_acc: int = 2000, n_lat: int = 100) -> list[dict]:
+def run(
+    g: EncodedGallery,
+    bundle,
+    tiers: list[int],
+    m: int = 20,
+    n_acc: int = 2000,
+    n_lat: int = 100,
+    with_accuracy: bool = True,
+) -> list[dict]:
+    """One row per gallery size; `with_accuracy=False` for a gallery without answer sets."""
     rng = np.random.default_rng(0)
     rows = []
     for n in tiers:
@@ -151,7 +160,8 @@ def run(g: EncodedGallery, bundle, tiers: list[int], m: int = 20, n_acc: int = 2
             [i for i, e in enumerate(g.expr_ids) if ds.instances[ds.expressions[int(e)].instance_id].image_id in own]
         )
         sample = np.sort(rng.permutation(eligible)[:n_acc])
-        acc = accuracy(g, n, m, sample)
+        acc = accuracy(g, n, m, sample) if with_accuracy else None
         lat = latency(g, bundle, n, m, [g.texts[i] for i in sample[:n_lat]])
-        rows.append({"images": n, "m": m, "queries_accuracy": len(sample), "accuracy": acc, "latency": lat})
+        n_queries = len(sample) if with_accuracy else 0
+        rows.append({"images": n, "m": m, "queries_accuracy": n_queries, "accuracy": acc, "latency": lat})
     return rows

@@ -68,6 +68,7 @@ def test_report_writes_json_markdown_and_figures(tiny_bundle, tmp_path):
         assert r["latency"]["clare"]["index_instances"] > 0
     md = path.with_suffix(".md").read_text()
     assert "## Headlines" in md and report["machine_label"] in md and "CLARE vs two-stage at 60 images" in md
+    assert "accuracy at 60 images" in md
     assert len(report["figures"]) == 3
     for name in report["figures"]:
         assert (out / name).stat().st_size > 10_000  # a drawn PNG, not an empty canvas
