@@ -72,12 +72,14 @@ def _recall_latency(report: dict, out: Path) -> Path | None:
     if not idx:
         return None
     sizes = sorted({r["vectors"] for r in idx})[-2:]
+    names = list(dict.fromkeys(r["index"] for r in idx))
+    color = {name: plt.get_cmap("tab10")(i) for i, name in enumerate(names)}  # one colour per index in every panel
     fig, axes = plt.subplots(1, len(sizes), figsize=(5.5 * len(sizes), 4.2), squeeze=False)
     for ax, n in zip(axes[0], sizes, strict=True):
-        for name in dict.fromkeys(r["index"] for r in idx):
+        for name in names:
             pts = sorted((r["k10_p50_ms"], r["recall@10"]) for r in idx if r["vectors"] == n and r["index"] == name)
             if pts:
-                ax.plot(*zip(*pts, strict=True), "o-" if len(pts) > 1 else "s", label=name)
+                ax.plot(*zip(*pts, strict=True), "o-" if len(pts) > 1 else "s", label=name, color=color[name])
         ax.set(xscale="log", xlabel="search p50, k = 10 (ms, one thread)", ylabel="recall@10 vs exact")
         ax.set_title(f"{n:,} vectors, 256-d (points: expansion_search 16..256)", fontsize=9)
         ax.grid(True, which="both", alpha=0.3)
