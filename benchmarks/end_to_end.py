@@ -23,20 +23,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import summarise_ms
+from .common import summarise_ms, time_each
 
 CONCURRENCY = (1, 4, 16)
 
 
 def _run(make_search, texts: list[str], concurrency: int) -> dict[str, float]:
     def worker(chunk):
-        search = make_search()
-        out = []
-        for t in chunk:
-            t0 = time.perf_counter()
-            search(t)
-            out.append(time.perf_counter() - t0)
-        return out
+        return time_each(make_search(), chunk, warmup=0)
 
     chunks = [texts[i::concurrency] for i in range(concurrency)]
     t0 = time.perf_counter()

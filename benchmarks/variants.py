@@ -11,20 +11,15 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import time
 from pathlib import Path
 
 import numpy as np
 
 
 def _median_ms(fn, arg, repeat: int) -> float:
-    fn(arg)
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn(arg)
-        times.append(time.perf_counter() - t)
-    return round(1000 * float(np.median(times)), 2)
+    from .common import time_each
+
+    return round(1000 * float(np.median(time_each(fn, [arg] * repeat, warmup=1))), 2)
 
 
 def measure(path: Path, threads: int, repeat: int = 30) -> dict:
