@@ -113,19 +113,20 @@ class EncodedGallery:
 
 
 def encoded_gallery(
-    bundle, images: int, work: Path, seed: int = 90, threads: int = 0, answers: bool = True
+    bundle, images: int, work: Path, seed: int = 90, threads: int = 0, answer_sample: int = 0
 ) -> EncodedGallery:
     """Generate `images` test-gallery images, encode them (cached by bundle, size and seed).
 
-    `answers=False` skips the exact answer sets (their cost grows with expressions x images:
-    minutes at 10k images, hours at 100k), for latency-only tiers."""
+    `answer_sample` N > 0 gives exact answer sets to N drawn expressions only: their cost
+    grows with expressions x images (minutes at 10k images for all, hours at 100k)."""
     from reir.engine.data import load_dataset
     from reir.engine.protocol import encode_gallery
     from reir.engine.synth import SynthConfig, generate
 
-    root = work / f"synth-{images}-{seed}-e1{'' if answers else '-noanswers'}"
+    root = work / f"synth-{images}-{seed}-e1{f'-a{answer_sample}' if answer_sample else ''}"
     model = bundle.manifest["files"]["visual_encoder.onnx"]["sha256"][:12]
-    cache = work / f"encoded-{root.name}-{model}.npz"
+    # The answer sets do not change the images or expressions: one encoding serves every variant.
+    cache = work / f"encoded-synth-{images}-{seed}-e1-{model}.npz"
     if not root.exists():  # written atomically: present means complete
         # Worker processes pay off only for big galleries (each starts a fresh interpreter).
         workers = min(8, os.cpu_count() or 1) if images >= 20_000 else 1
@@ -135,7 +136,7 @@ def encoded_gallery(
             seed=seed,
             fractions=(0, 0, 1),
             exprs_per_image=1,
-            answers="eval" if answers else "none",
+            answer_sample=answer_sample,
             workers=workers,
         )
         generate(root, cfg, progress=True)
@@ -164,6 +165,8 @@ def encoded_gallery(
         )
         os.replace(tmp, cache)
     z = np.load(cache)
+    if not np.array_equal(z["expr_ids"], [e.id for e in exprs]):
+        raise RuntimeError(f"{cache} was encoded from another gallery than {root}: delete it")
     return EncodedGallery(
         root,
         z["image_ids"],

@@ -37,6 +37,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--splits", default="0.7,0.1,0.2", help="train,val,test fractions of the images")
     p.add_argument("--exprs-per-image", type=int, default=2)
     p.add_argument("--answers", choices=["eval", "all", "none"], default="eval", help="splits with exact answer sets")
+    p.add_argument(
+        "--answer-sample",
+        type=int,
+        default=0,
+        metavar="N",
+        help="give exact answer sets to only N drawn expressions per split (for galleries of 100k+ images)",
+    )
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--quiet", action="store_true")
@@ -122,6 +129,8 @@ def cmd_synth(args: argparse.Namespace) -> int:
         raise CLIError(f"--splits: three non-negative fractions summing to 1, got {args.splits!r}")
     if args.images < 1 or args.size < 32:
         raise CLIError("--images must be >= 1 and --size >= 32")
+    if args.answer_sample < 0:
+        raise CLIError("--answer-sample must be >= 0 (0: every expression)")
     cfg = SynthConfig(
         images=args.images,
         seed=args.seed,
@@ -129,6 +138,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
         fractions=fractions,
         exprs_per_image=args.exprs_per_image,
         answers=args.answers,
+        answer_sample=args.answer_sample,
         workers=args.workers,
     )
     ds, speed = generate(args.out, cfg, overwrite=args.overwrite, progress=not args.quiet)

@@ -75,6 +75,28 @@ def test_exact_answer_sets_match_brute_force(synth_small: Path):
     assert checked > 50
 
 
+def test_answer_sample_answers_only_the_drawn_expressions_and_answers_them_exactly(synth_small: Path, tmp_path: Path):
+    """`answer_sample`: N test expressions (and their test-novel twins) get the same answer sets
+    as a full run over the same images; the rest get none, and nothing else changes."""
+    full = load_dataset(synth_small)
+    ds, _ = generate(tmp_path / "s", SynthConfig(images=120, seed=7, answer_sample=5), progress=False)
+    ds = load_dataset(tmp_path / "s")
+    assert ds.expressions.keys() == full.expressions.keys()
+    for split in ("test", "val"):
+        answered = [e for e in ds.split_expressions(split) if e.answers is not None]
+        assert len(answered) == 5 < len(ds.split_expressions(split))
+        for e in answered:
+            assert e.answers == full.expressions[e.id].answers
+    novel = [e for e in ds.split_expressions("test-novel") if e.answers is not None]
+    answered_logic = {json.dumps(e.logic, sort_keys=True) for e in ds.split_expressions("test") if e.answers}
+    assert novel and all(json.dumps(e.logic, sort_keys=True) in answered_logic for e in novel)
+    assert all(e.answers == full.expressions[e.id].answers for e in novel)
+    again, _ = generate(tmp_path / "t", SynthConfig(images=120, seed=7, answer_sample=5), progress=False)
+    assert [e.id for e in again.expressions.values() if e.answers is not None] == [
+        e.id for e in ds.expressions.values() if e.answers is not None
+    ]
+
+
 def test_every_expression_is_unique_in_its_image(synth_small: Path):
     ds = load_dataset(synth_small)
     cfg = SynthConfig(images=120, seed=7)

@@ -46,6 +46,7 @@ class SynthConfig:
     fractions: tuple[float, float, float] = (0.7, 0.1, 0.2)  # train, val, test
     exprs_per_image: int = 2
     answers: str = "eval"  # which splits get exact answer sets: eval | all | none
+    answer_sample: int = 0  # 0: every expression of those splits; N: only N drawn per split
     workers: int = 1
 
     def split_of(self, idx: int) -> str:
@@ -129,16 +130,34 @@ def build_dataset(cfg: SynthConfig, rendered: Sequence[Rendered], root: Path, pr
                 )
                 next_expr += 1
     for split in ANSWER_SPLITS[cfg.answers]:
-        _attach_answers(ds, scenes, split, cfg.size, progress)
+        _attach_answers(ds, scenes, split, cfg.size, progress, _sampler(cfg, split))
     return ds
 
 
-def _attach_answers(ds: Dataset, scenes: dict, split: str, size: int, progress: bool = False) -> None:
+def _sampler(cfg: SynthConfig, split: str):
+    """With `answer_sample` N: keep N of a split's expressions, drawn from the seed alone.
+
+    Exact answer sets cost expressions x gallery images (hours at 100k images for all of
+    them); a sample keeps accuracy measurable on galleries that big."""
+    if cfg.answer_sample <= 0:
+        return None
+    rng = np.random.default_rng([cfg.seed, SPLITS.index(split), 7919])
+
+    def sample(ids: list[int]) -> set[int]:
+        return set(rng.permutation(ids)[: cfg.answer_sample].tolist())
+
+    return sample
+
+
+def _attach_answers(
+    ds: Dataset, scenes: dict, split: str, size: int, progress: bool = False, sample=None
+) -> None:
     """Exact answer sets: every instance of the split's gallery each expression is true of.
 
     Instances are first filtered on the target's attributes with numpy; the full
-    logical form is then evaluated only in the images that survive.
-    """
+    logical form is then evaluated only in the images that survive. `sample`, when given,
+    picks the expressions (by id, of the split's own) that get one; test-novel follows
+    test's pick, since the two share logical forms."""
     gallery = [i for i, im in ds.images.items() if im.split == split]
     if not gallery:
         return
@@ -148,6 +167,13 @@ def _attach_answers(ds: Dataset, scenes: dict, split: str, size: int, progress: 
     }
     query_splits = (split, "test-novel") if split == "test" else (split,)
     queries = [e for e in ds.expressions.values() if e.split in query_splits]
+    if sample is not None:
+        own = [e for e in queries if e.split == split]
+        picked = sample([e.id for e in own])
+        logic_keys = {json.dumps(e.logic, sort_keys=True) for e in own if e.id in picked}
+        queries = [
+            e for e in queries if e.id in picked or (e.split != split and json.dumps(e.logic, sort_keys=True) in logic_keys)
+        ]
 
     def having(desc: dict[str, str]) -> np.ndarray:
         mask = np.ones(len(inst_img), dtype=bool)
