@@ -19,7 +19,9 @@ def add_parser(sub) -> None:
     r.add_argument("--out", type=Path, default=RESULTS)
     r.add_argument("--bundle", type=Path, help="default: the shipped model")
     r.add_argument("--work", type=Path, help="keep generated galleries here (reused by the next run)")
-    r.add_argument("--full", action="store_true", help="add a 100k-image tier (BR@k on 2,000 sampled queries) and f32/i8 indexes at 1M")
+    r.add_argument(
+        "--full", action="store_true", help="add a 100k-image tier (BR@k on 2,000 drawn queries), f32/i8 indexes at 1M"
+    )
     r.add_argument("--sections", default="stages,indexes,two_stage,end_to_end", help="comma-separated subset")
     r.add_argument("--rerender", type=Path, metavar="JSON", help="redraw figures and markdown from a stored JSON")
     m = bench.add_parser("micro", help="pytest-benchmark micro-benchmarks; JSON to --out")

@@ -149,9 +149,7 @@ def _sampler(cfg: SynthConfig, split: str):
     return sample
 
 
-def _attach_answers(
-    ds: Dataset, scenes: dict, split: str, size: int, progress: bool = False, sample=None
-) -> None:
+def _attach_answers(ds: Dataset, scenes: dict, split: str, size: int, progress: bool = False, sample=None) -> None:
     """Exact answer sets: every instance of the split's gallery each expression is true of.
 
     Instances are first filtered on the target's attributes with numpy; the full
@@ -170,10 +168,9 @@ def _attach_answers(
     if sample is not None:
         own = [e for e in queries if e.split == split]
         picked = sample([e.id for e in own])
-        logic_keys = {json.dumps(e.logic, sort_keys=True) for e in own if e.id in picked}
-        queries = [
-            e for e in queries if e.id in picked or (e.split != split and json.dumps(e.logic, sort_keys=True) in logic_keys)
-        ]
+        keys = {json.dumps(e.logic, sort_keys=True) for e in own if e.id in picked}
+        twins = [e for e in queries if e.split != split and json.dumps(e.logic, sort_keys=True) in keys]
+        queries = [e for e in own if e.id in picked] + twins
 
     def having(desc: dict[str, str]) -> np.ndarray:
         mask = np.ones(len(inst_img), dtype=bool)
