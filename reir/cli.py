@@ -73,6 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train CLARE from a YAML recipe (configs/*.yaml)")
     p.add_argument("config", type=Path)
     p.add_argument("--resume", action="store_true", help="continue the run's last checkpoint, same schedule")
+    p.add_argument(
+        "--start-from",
+        type=Path,
+        metavar="CKPT",
+        help="weights of a finished stage (e.g. runs/synth/grounding.pt), then the recipe's later stages",
+    )
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.batch_size=8")
     p.add_argument("--eval", action="store_true", help="evaluate the final checkpoint on the recipe's eval split")
     p.add_argument("--quiet", action="store_true")

@@ -9,7 +9,7 @@ torch = pytest.importorskip("torch", reason="torch not installed (training extra
 from reir.engine.data import load_dataset  # noqa: E402
 from reir.engine.synth.logic import satisfying  # noqa: E402
 from reir.training.clia import clia_labels  # noqa: E402
-from reir.training.data import TrainSet, collate, positives  # noqa: E402
+from reir.training.data import TrainSet, collate, positives, twin_keys  # noqa: E402
 
 
 def test_flipped_samples_stay_true(synth_small):
@@ -28,6 +28,45 @@ def test_flipped_samples_stay_true(synth_small):
         if "left" in first_b.split():
             assert "right" in first_a.split()
     assert n_texts > 40  # composed expressions really are added
+
+
+def test_flip_twins_mirror_the_scene_and_reverse_its_relations(synth_small):
+    """A twin is its scene mirrored (x, y or both): same objects and attributes, pixels and
+    boxes mirrored, its own texts true in its frame; a relation text of the original that is
+    directional becomes false of the original's target in the twin."""
+    import numpy as np
+
+    ds = load_dataset(synth_small)
+    ts = TrainSet(ds, "train", 128, hflip=0.5, composed=2)
+    keys = twin_keys(list(range(10)), 8, np.random.default_rng(0))  # 10 = two batches of 4 + 2 left over
+    assert [k for k, _ in keys] == [0, 1, 2, 3] * 2 + [4, 5, 6, 7] * 2  # 4 scenes then their twins, per batch
+    assert [t for _, t in keys[:4]] == [0] * 4 and {t for _, t in keys[4:8]} <= {1, 2, 3}
+    kinds, reversed_relations = set(), 0
+    for idx in range(30):
+        a = ts[idx]
+        for kind in (1, 2, 3):
+            b = ts[(idx, kind)]
+            kinds.add(kind)
+            want = a.image
+            if kind & 1:
+                want = want.flip(-1)
+                torch.testing.assert_close(b.boxes[:, 0], 1 - a.boxes[:, 0])
+            if kind & 2:
+                want = want.flip(-2)
+                torch.testing.assert_close(b.boxes[:, 1], 1 - a.boxes[:, 1])
+            assert torch.equal(b.image, want)
+            assert [(o.shape, o.color, o.size, o.fill) for o in b.objects] == [
+                (o.shape, o.color, o.size, o.fill) for o in a.objects
+            ]
+            assert len(b.texts) == len(a.texts) and all(
+                satisfying(t.logic, b.objects, *b.orig_size) == [t.target] for t in b.texts
+            )
+            t = a.texts[0]
+            rel = (t.logic.get("relation") or {}).get("type")
+            if (kind & 1 and rel in ("left_of", "right_of")) or (kind & 2 and rel in ("above", "below")):
+                assert t.target not in satisfying(t.logic, b.objects, *b.orig_size), t.text
+                reversed_relations += 1
+    assert reversed_relations >= 5
 
 
 def test_positives_and_clia_labels(synth_small):

@@ -26,6 +26,10 @@ def test_loss_falls_and_checkpoint_is_complete(tiny_run):
 
     saved_cfg, state = load_checkpoint(final)
     assert saved_cfg == cfg and state["categories"] == trainer.train_set.categories
+    # the end of stage 1 is kept beside it, for the stage-1-only ablation
+    _, stage1 = load_checkpoint(trainer.run_dir / f"{cfg.train.stages[0].name}.pt")
+    assert stage1["stage"] == 1 and "optimizer" not in stage1
+    assert any(not torch.equal(stage1["model"][k], state["model"][k]) for k in state["model"])
 
 
 def test_rec_beats_random_candidates_on_fresh_data(tiny_run, tmp_path):
@@ -76,3 +80,25 @@ def test_resume_continues_the_same_schedule(tiny_run, tmp_path):
 
     with pytest.raises(CheckpointError, match=r"model\.d_model: 64 vs 32"):
         Trainer(changed, progress=False).fit(resume=True)
+
+
+def test_start_from_a_stage_checkpoint_runs_only_the_later_stages(tiny_run, tmp_path):
+    """`--start-from runs/x/grounding.pt`: stage-2 variants share one stage 1."""
+    from reir.training.checkpoint import CheckpointError
+    from reir.training.config import load_config
+    from reir.training.trainer import Trainer
+
+    cfg, trainer, _ = tiny_run
+    stages = [{"name": "grounding", "steps": 320}, {"name": "clia", "steps": 2, "warmup": 1, "clia": True}]
+    over = {"out_dir": str(tmp_path), "data.root": cfg.data.root, "train.stages": stages, "train.ckpt_every": 1}
+    t = Trainer(load_config(CONFIG, over), progress=False)
+    t.fit(start_from=trainer.run_dir / "grounding.pt")
+    rows = [json.loads(line) for line in (t.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert rows and {r["stage"] for r in rows} == {"clia"}
+    from reir.training.checkpoint import load_checkpoint, save_checkpoint
+
+    saved_cfg, state = load_checkpoint(trainer.run_dir / "grounding.pt")
+    extra = {k: state[k] for k in ("criterion", "epoch", "categories")}
+    save_checkpoint(tmp_path / "mid.pt", saved_cfg, trainer.model, {**extra, "stage": 0, "step": 5})
+    with pytest.raises(CheckpointError, match="middle of a stage"):
+        Trainer(load_config(CONFIG, over), progress=False).fit(start_from=tmp_path / "mid.pt")

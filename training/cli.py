@@ -36,7 +36,7 @@ def _train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, _overrides(args.set))
     trainer = Trainer(cfg, progress=not args.quiet)
-    final = trainer.fit(resume=args.resume)
+    final = trainer.fit(resume=args.resume, start_from=args.start_from)
     if trainer.rank == 0:
         print(f"wrote {final}")
     if args.eval and trainer.rank == 0:

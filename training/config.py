@@ -97,6 +97,7 @@ class StageConfig:
     rec: bool = True
     clia: bool = False
     train_text: bool = True  # False: the whole text encoder is frozen (and memoised) for this stage
+    flip_twins: bool = False  # synthetic scenes: each batch holds every scene and a mirrored twin (data.py)
 
 
 @dataclass

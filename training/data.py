@@ -9,6 +9,13 @@ to more of it on CPU.
 
 Horizontal flips swap left/right in the text *and* in the logical form, so the
 multi-positive labels stay exact. Unreadable images are skipped and counted, not fatal.
+
+Flip twins (a stage's `flip_twins`): the batch holds each scene twice, the second time
+mirrored left-right, top-bottom or both, with expressions composed in its own frame. The
+twin has every object of the original with the same attributes but reversed relations
+and locations, so "the circle left of the red star" finds, in its twin, the same circle
+now right of it: an exact negative that differs from a positive only by the relation.
+Random batches almost never hold such pairs, and CLIA otherwise learns attributes only.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ from reir.engine.data import Dataset
 from reir.engine.image import load_rgb
 from reir.engine.synth.compose import Composer, choose_construct
 from reir.engine.synth.grammar import Phraser
-from reir.engine.synth.logic import mirror_logic, mirror_object, satisfying
+from reir.engine.synth.logic import mirror_logic, mirror_object, mirror_object_vertically, satisfying
 from reir.engine.synth.scene import SceneObject
 from reir.engine.text import swap_left_right
 
@@ -76,7 +83,9 @@ class TrainSet(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.image_ids)
 
-    def __getitem__(self, idx: int) -> Sample | None:
+    def __getitem__(self, key: int | tuple[int, int]) -> Sample | None:
+        """key: an image index, or (index, twin) with twin 1/2/3 = mirrored in x / y / both."""
+        idx, twin = key if isinstance(key, tuple) else (key, 0)
         rng = np.random.default_rng([self.seed, self.epoch, idx])
         image_id = self.image_ids[idx]
         meta = self.ds.images[image_id]
@@ -93,13 +102,16 @@ class TrainSet(torch.utils.data.Dataset):
         flipped = bool(rng.random() < self.hflip)
         text, logic = expr.text, expr.logic
         if flipped:
-            arr = np.ascontiguousarray(arr[:, ::-1])
-            boxes[:, [0, 2]] = 1.0 - boxes[:, [2, 0]]
+            arr, boxes, mirrored = _mirror(arr, boxes, objects or [], meta.width, meta.height, x=True, y=False)
+            objects = mirrored if objects else None
             text = swap_left_right(text)
             logic = mirror_logic(logic) if logic else None
-            objects = [mirror_object(o, meta.width) for o in objects] if objects else None
         texts = [Text(text, ids.index(expr.instance_id), logic)]
-        if objects and self.composed:
+        if twin and objects:
+            x, y = bool(twin & 1), bool(twin & 2)
+            arr, boxes, objects = _mirror(arr, boxes, objects, meta.width, meta.height, x=x, y=y)
+            texts = self._compose(objects, meta.width, meta.height, rng, exclude=None, count=1 + self.composed)
+        elif objects and self.composed:
             texts += self._compose(objects, meta.width, meta.height, rng, exclude=texts[0].target)
         cxcywh = np.stack(
             [
@@ -120,17 +132,50 @@ class TrainSet(torch.utils.data.Dataset):
         )
 
     def _compose(
-        self, objects: list[SceneObject], w: int, h: int, rng: np.random.Generator, exclude: int
+        self,
+        objects: list[SceneObject],
+        w: int,
+        h: int,
+        rng: np.random.Generator,
+        exclude: int | None,
+        count: int | None = None,
     ) -> list[Text]:
         """Expressions for other objects of the (already flipped) scene: their logic is in its frame."""
         comp, phr = Composer(objects, w, h, rng), Phraser(rng)
         others = [i for i in range(len(objects)) if i != exclude]
         out = []
-        for t in rng.permutation(others)[: self.composed]:
+        for t in rng.permutation(others)[: self.composed if count is None else count]:
             logic = comp.describe(int(t), choose_construct(rng))
             if logic is not None:
                 out.append(Text(phr.render(logic), int(t), logic))
         return out
+
+
+def twin_keys(indices: list[int], batch_size: int, rng: np.random.Generator) -> list[tuple[int, int]]:
+    """Dataset keys for batches of flip twins: each run of batch_size // 2 images, then the
+    same images mirrored (x, y or both, drawn per image)."""
+    half = max(1, batch_size // 2)
+    keys: list[tuple[int, int]] = []
+    for start in range(0, len(indices) - half + 1, half):
+        chunk = indices[start : start + half]
+        keys += [(i, 0) for i in chunk] + [(i, int(rng.integers(1, 4))) for i in chunk]
+    return keys
+
+
+def _mirror(
+    arr: np.ndarray, boxes: np.ndarray, objects: list[SceneObject], w: int, h: int, x: bool, y: bool
+) -> tuple[np.ndarray, np.ndarray, list[SceneObject]]:
+    """The scene mirrored in x and/or y: pixels, normalised xyxy boxes and objects together."""
+    boxes = boxes.copy()
+    if x:
+        arr = arr[:, ::-1]
+        boxes[:, [0, 2]] = 1.0 - boxes[:, [2, 0]]
+        objects = [mirror_object(o, w) for o in objects]
+    if y:
+        arr = arr[::-1]
+        boxes[:, [1, 3]] = 1.0 - boxes[:, [3, 1]]
+        objects = [mirror_object_vertically(o, h) for o in objects]
+    return np.ascontiguousarray(arr), boxes, objects
 
 
 def collate(samples: list[Sample | None]) -> Batch:

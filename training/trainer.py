@@ -10,16 +10,17 @@ import os
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
 from reir.engine.data import load_dataset
 
-from .checkpoint import check_compatible, load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, check_compatible, load_checkpoint, save_checkpoint
 from .config import Config, StageConfig
 from .criterion import SetCriterion, Targets
-from .data import TrainSet, collate, positives
+from .data import TrainSet, collate, positives, twin_keys
 from .model import CLARE, build_model
 from .text import load_tokenizer, tokenize
 
@@ -93,15 +94,17 @@ class Trainer:
         self.sentence_cache: dict[str, torch.Tensor] = {}
 
     # -- data -----------------------------------------------------------------------
-    def batches(self, epoch0: int):
+    def batches(self, epoch0: int, twins: bool = False):
         epoch = epoch0
         bs = self.cfg.train.batch_size
         while True:
             self.train_set.set_epoch(epoch)
             g = torch.Generator().manual_seed(self.cfg.seed * 1000 + epoch)
-            order = torch.randperm(len(self.train_set), generator=g)[self.rank :: self.world]
+            order = torch.randperm(len(self.train_set), generator=g)[self.rank :: self.world].tolist()
+            if twins:
+                order = twin_keys(order, bs, np.random.default_rng([self.cfg.seed, epoch, self.rank]))
             loader = torch.utils.data.DataLoader(
-                torch.utils.data.Subset(self.train_set, order.tolist()),
+                torch.utils.data.Subset(self.train_set, order),
                 batch_size=bs,
                 collate_fn=collate,
                 num_workers=self.cfg.data.workers,
@@ -162,13 +165,19 @@ class Trainer:
         return torch.stack([self.sentence_cache[t] for t in texts])
 
     # -- the loop ---------------------------------------------------------------------
-    def fit(self, resume: bool = False) -> Path:
+    def fit(self, resume: bool = False, start_from: Path | None = None) -> Path:
+        """Run the recipe's stages. `resume`: continue this run's last.pt; `start_from`: a
+        checkpoint saved at the end of a stage (`<stage>.pt`) of a run with the same model
+        config, whose later stages this recipe then runs (ablations of stage 2 share stage 1)."""
         cfg = self.cfg
         start_stage, start_step, epoch, state = 0, 0, 0, {}
         last = self.run_dir / "last.pt"
-        if resume and last.is_file():
-            _, state = load_checkpoint(last)
-            check_compatible(last, state, cfg)
+        source = last if resume and last.is_file() else start_from
+        if source is not None:
+            _, state = load_checkpoint(source)
+            check_compatible(source, state, cfg)
+            if source == start_from and state["step"] != 0:
+                raise CheckpointError(f"{source}: saved in the middle of a stage; --start-from needs a stage's end")
             self.model.load_state_dict(state["model"])
             self.criterion.load_state_dict(state["criterion"])
             start_stage, start_step, epoch = state["stage"], state["step"], state["epoch"]
@@ -188,7 +197,7 @@ class Trainer:
             self.model.train()
             bar = tqdm(total=stage.steps, initial=step, desc=f"{stage.name}", disable=not self.progress or self.rank)
             t0, seen = time.perf_counter(), 0
-            data = self.batches(epoch)
+            data = self.batches(epoch, stage.flip_twins)
             while step < stage.steps:
                 epoch, batch = next(data)
                 self.skipped += batch.skipped
@@ -218,6 +227,8 @@ class Trainer:
                 if self.rank == 0 and (step % cfg.train.ckpt_every == 0 or step == stage.steps):
                     done = step == stage.steps
                     self.save(last, si + 1 if done else si, 0 if done else step, epoch, None if done else opt)
+                    if done and si + 1 < len(cfg.train.stages):  # e.g. grounding.pt: the stage-1-only ablation
+                        self.save(self.run_dir / f"{stage.name}.pt", si + 1, 0, epoch, None)
             bar.close()
         if self.skipped and self.rank == 0:
             print(f"note: skipped {self.skipped} unreadable training image(s)")

@@ -147,3 +147,8 @@ def mirror_logic(logic: Logic) -> Logic:
 def mirror_object(o: SceneObject, width: int) -> SceneObject:
     x1, y1, x2, y2 = o.box
     return SceneObject(o.shape, o.color, o.size, o.fill, (width - x2, y1, width - x1, y2))
+
+
+def mirror_object_vertically(o: SceneObject, height: int) -> SceneObject:
+    x1, y1, x2, y2 = o.box
+    return SceneObject(o.shape, o.color, o.size, o.fill, (x1, height - y2, x2, height - y1))
