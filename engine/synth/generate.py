@@ -168,8 +168,11 @@ def _attach_answers(ds: Dataset, scenes: dict, split: str, size: int, progress: 
     if sample is not None:
         own = [e for e in queries if e.split == split]
         picked = sample([e.id for e in own])
-        keys = {json.dumps(e.logic, sort_keys=True) for e in own if e.id in picked}
-        twins = [e for e in queries if e.split != split and json.dumps(e.logic, sort_keys=True) in keys]
+        # the test-novel rephrasing of a picked expression: same target, same logical form
+        born = {(e.instance_id, json.dumps(e.logic, sort_keys=True)) for e in own if e.id in picked}
+        twins = [
+            e for e in queries if e.split != split and (e.instance_id, json.dumps(e.logic, sort_keys=True)) in born
+        ]
         queries = [e for e in own if e.id in picked] + twins
 
     def having(desc: dict[str, str]) -> np.ndarray:
