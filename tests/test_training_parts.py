@@ -36,6 +36,16 @@ def test_unknown_key_and_wrong_type_are_named(tmp_path):
         load_config(f)
 
 
+def test_set_overrides_reach_into_stage_lists():
+    cfg = load_config(CONFIGS / "synth.yaml", {"train.stages.1.flip_twins": True, "train.stages.0.steps": 7})
+    assert cfg.train.stages[1].flip_twins and not cfg.train.stages[0].flip_twins
+    assert cfg.train.stages[0].steps == 7
+    with pytest.raises(ConfigError, match=r"train.stages.5.steps: '5' is not an index of a 2-item list"):
+        load_config(CONFIGS / "synth.yaml", {"train.stages.5.steps": 1})
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) train.stages\[1\].flip_twin"):
+        load_config(CONFIGS / "synth.yaml", {"train.stages.1.flip_twin": True})
+
+
 def test_nms_follows_onnx_semantics():
     boxes = torch.tensor([[0, 0, 10, 10], [0, 0, 10, 10], [1, 0, 11, 10], [20, 20, 30, 30]], dtype=torch.float32)
     scores = torch.tensor([0.9, 0.8, 0.95, 0.1])

@@ -218,15 +218,29 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Co
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({e})") from None
     for key, value in (overrides or {}).items():
-        node = data
-        *parents, last = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[last] = value
+        _override(data, key, value)
     try:
         return from_dict(Config, data)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
+
+
+def _override(data: dict, key: str, value: Any) -> None:
+    """Set a dotted key; a number indexes a list (`train.stages.1.steps=200`)."""
+    node: Any = data
+    parts = key.split(".")
+    for n, p in enumerate(parts):
+        final = n == len(parts) - 1
+        if isinstance(node, list):
+            if not p.isdigit() or int(p) >= len(node):
+                raise ConfigError(f"--set {key}: {p!r} is not an index of a {len(node)}-item list")
+            p = int(p)
+        elif not isinstance(node, dict):
+            raise ConfigError(f"--set {key}: {p!r} goes inside a value that is not a mapping")
+        if final:
+            node[p] = value
+        else:
+            node = node[p] if isinstance(node, list) else node.setdefault(p, {})
 
 
 def diff_configs(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
