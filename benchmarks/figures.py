@@ -29,40 +29,56 @@ def _save(fig, report: dict, out: Path, what: str) -> Path:
 
 
 def _gallery_size(report: dict, out: Path) -> Path | None:
+    """Latency and accuracy of CLARE vs two-stage by gallery size, and one ANN search by index
+    size: one panel for each that the report measured."""
     import matplotlib.pyplot as plt
 
-    rows, idx = report.get("two_stage"), report.get("indexes")
-    if not rows and not idx:
+    rows, idx = report.get("two_stage") or [], report.get("indexes") or []
+    scored = [r for r in rows if r["accuracy"]]
+    panels = [p for p, data in ((_latency_panel, rows), (_accuracy_panel, scored), (_ann_panel, idx)) if data]
+    if not panels:
         return None
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    if rows:
-        ax = axes[0]
-        x = [r["images"] for r in rows]
-        for key, label in (("clare", "CLARE: text + one ANN search"), ("two_stage", f"two-stage (m = {rows[0]['m']})")):
-            ax.plot(x, [r["latency"][key]["p50_ms"] for r in rows], "o-", label=label)
-        ax.set(xscale="log", yscale="log", xlabel="gallery images", ylabel="query latency p50 (ms)")
-        ax.set_title("query latency vs gallery size", fontsize=10)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
+    for ax, panel in zip(axes[0], panels, strict=True):
+        panel(ax, report)
         ax.legend(fontsize=8)
         ax.grid(True, which="both", alpha=0.3)
-    if idx:
-        ax = axes[1]
-        for name, ef in (
-            ("numpy exact", None),
-            ("faiss IndexFlatIP", None),
-            ("faiss HNSWFlat", 64),
-            ("usearch f16", 64),
-        ):
-            pts = sorted(
-                (r["vectors"], r["k10_p50_ms"]) for r in idx if r["index"] == name and r["expansion_search"] == ef
-            )
-            if pts:
-                ax.plot(*zip(*pts, strict=True), "o-", label=name + (f" (ef {ef})" if ef else ""))
-        ax.set(xscale="log", yscale="log", xlabel="vectors (256-d)", ylabel="search p50, k = 10 (ms)")
-        ax.set_title("one ANN search vs index size", fontsize=10)
-        ax.legend(fontsize=8)
-        ax.grid(True, which="both", alpha=0.3)
-    fig.suptitle("cost vs gallery size")
+    fig.suptitle("cost and accuracy vs gallery size")
     return _save(fig, report, out, "gallery-size")
+
+
+def _methods(rows: list[dict]) -> tuple[tuple[str, str], ...]:
+    return (("clare", "CLARE: text + one ANN search"), ("two_stage", f"two-stage (m = {rows[0]['m']})"))
+
+
+def _latency_panel(ax, report: dict) -> None:
+    rows = report["two_stage"]
+    x = [r["images"] for r in rows]
+    for key, label in _methods(rows):
+        ax.plot(x, [r["latency"][key]["p50_ms"] for r in rows], "o-", label=label)
+    ax.set(xscale="log", yscale="log", xlabel="gallery images", ylabel="query latency p50 (ms)")
+    ax.set_title("query latency vs gallery size", fontsize=10)
+
+
+def _accuracy_panel(ax, report: dict) -> None:
+    rows = [r for r in report["two_stage"] if r["accuracy"]]
+    x = [r["images"] for r in rows]
+    for (key, label), color in zip(_methods(rows), ("C0", "C1"), strict=True):
+        for k, style in (("1", "o-"), ("10", "s--")):
+            y = [r["accuracy"][key][f"mBR@{k}(0.5)"] for r in rows]
+            ax.plot(x, y, style, color=color, label=f"{label.split(':')[0]} mBR@{k}")
+    ax.set(xscale="log", xlabel="gallery images", ylabel="multi-positive BR@k, τ 0.5 (%)")
+    ax.set_title("accuracy vs gallery size (synthetic test queries)", fontsize=10)
+
+
+def _ann_panel(ax, report: dict) -> None:
+    idx = report["indexes"]
+    for name, ef in (("numpy exact", None), ("faiss IndexFlatIP", None), ("faiss HNSWFlat", 64), ("usearch f16", 64)):
+        pts = sorted((r["vectors"], r["k10_p50_ms"]) for r in idx if r["index"] == name and r["expansion_search"] == ef)
+        if pts:
+            ax.plot(*zip(*pts, strict=True), "o-", label=name + (f" (ef {ef})" if ef else ""))
+    ax.set(xscale="log", yscale="log", xlabel="vectors (256-d)", ylabel="search p50, k = 10 (ms)")
+    ax.set_title("one ANN search vs index size", fontsize=10)
 
 
 def _recall_latency(report: dict, out: Path) -> Path | None:

@@ -107,6 +107,15 @@ def render(report: dict) -> str:
         f"Command: `{report['command']}`; created {report['created']}; wall time "
         f"{report['seconds'].get('total', 0) / 60:.1f} min. Model: `{report['bundle']['path']}` "
         f"({report['bundle']['precision']}, {report['bundle']['dim']}-d).",
+        *(
+            [
+                "Reused from `--work` (their generation and encoding time is not in the wall time): "
+                + ", ".join(f"`{r}`" for r in report["reused"])
+                + "."
+            ]
+            if report.get("reused")
+            else []
+        ),
         "",
         "## Headlines",
         "",

@@ -69,7 +69,14 @@ def run_report(
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": m,
         "machine_label": machine_label(m),
-        "command": "reir bench report" + (" --full" if full else ""),
+        "command": "reir bench report"
+        + (" --full" if full else "")
+        + (f" --sections {','.join(sections)}" if tuple(sections) != SECTIONS else "")
+        + ("" if own_work else f" --work {work}"),
+        # galleries and encodings found in --work are reused, and their time is not in the total
+        "reused": []
+        if own_work
+        else sorted(p.name for p in work.iterdir() if p.name.startswith(("synth-", "encoded-"))),
         "bundle": {"path": str(bundle_path), "precision": b.manifest["precision"], "dim": b.dim},
         "seconds": {},
     }
