@@ -23,6 +23,10 @@ def add_parser(sub) -> None:
         "--full", action="store_true", help="add a 100k-image tier (BR@k on 2,000 drawn queries), f32/i8 indexes at 1M"
     )
     r.add_argument("--sections", default="stages,indexes,two_stage,end_to_end", help="comma-separated subset")
+    r.add_argument("--index-sizes", default="10000,100000,1000000", help="vectors per index comparison")
+    r.add_argument(
+        "--connectivity", default="16", help="HNSW graph degrees M to compare, e.g. 16,32 (usearch f16 and FAISS)"
+    )
     r.add_argument("--rerender", type=Path, metavar="JSON", help="redraw figures and markdown from a stored JSON")
     m = bench.add_parser("micro", help="pytest-benchmark micro-benchmarks; JSON to --out")
     m.add_argument("--out", type=Path, default=RESULTS)
@@ -43,7 +47,16 @@ def run(args: argparse.Namespace) -> int:
             bad = sorted(set(sections) - set(SECTIONS))
             print(f"reir: error: --sections: unknown {bad or 'none given'}; choose from {SECTIONS}", file=sys.stderr)
             return 2
-        run_report(args.out, args.bundle, args.work, args.full, sections)
+        try:
+            sizes = tuple(int(v) for v in args.index_sizes.split(","))
+            degrees = tuple(int(v) for v in args.connectivity.split(","))
+        except ValueError:
+            print("reir: error: --index-sizes and --connectivity take comma-separated integers", file=sys.stderr)
+            return 2
+        if min(sizes) < 100 or min(degrees) < 2:
+            print("reir: error: --index-sizes must be >= 100 and --connectivity >= 2", file=sys.stderr)
+            return 2
+        run_report(args.out, args.bundle, args.work, args.full, sections, index_sizes=sizes, connectivity=degrees)
         return 0
     from .common import machine
     from .report import slug

@@ -9,6 +9,8 @@ one costs. Queries are real text query vectors of the test expressions, lifted t
 
 Per index: build time (all cores), memory, single-query latency p50/p99 at k = 10 and 100
 (one thread, one query at a time, as a serving request), recall@10 against exact search.
+The HNSW graphs use connectivity (M) 16 and expansion_add 128; `connectivity` adds denser
+graphs of usearch f16 and FAISS HNSW, named with their M ("usearch f16 M32").
 """
 
 from __future__ import annotations
@@ -84,12 +86,12 @@ def _measure(search: Callable[[np.ndarray, int], np.ndarray], q: np.ndarray, tru
 # with search(vector, k) -> keys; memory(index) -> bytes.
 
 
-def _usearch(dtype: str):
+def _usearch(dtype: str, connectivity: int = CONNECTIVITY):
     import onnxruntime  # noqa: F401  (load ORT's libraries before usearch's: the reverse order segfaults)
     from usearch.index import Index
 
     def build(x: np.ndarray, threads: int):
-        idx = Index(ndim=x.shape[1], metric="ip", dtype=dtype, connectivity=CONNECTIVITY, expansion_add=EXPANSION_ADD)
+        idx = Index(ndim=x.shape[1], metric="ip", dtype=dtype, connectivity=connectivity, expansion_add=EXPANSION_ADD)
         for s in range(0, len(x), 50_000):
             idx.add(np.arange(s, min(s + 50_000, len(x))), x[s : s + 50_000], threads=threads)
         return idx
@@ -107,12 +109,12 @@ def _usearch(dtype: str):
     return build, searchers, lambda idx: int(idx.memory_usage)
 
 
-def _faiss_hnsw():
+def _faiss_hnsw(connectivity: int = CONNECTIVITY):
     import faiss
 
     def build(x: np.ndarray, threads: int):
         faiss.omp_set_num_threads(threads)
-        idx = faiss.IndexHNSWFlat(x.shape[1], CONNECTIVITY, faiss.METRIC_INNER_PRODUCT)
+        idx = faiss.IndexHNSWFlat(x.shape[1], connectivity, faiss.METRIC_INNER_PRODUCT)
         idx.hnsw.efConstruction = EXPANSION_ADD
         idx.add(x)
         faiss.omp_set_num_threads(1)
@@ -155,11 +157,23 @@ def _numpy():
     return lambda x, threads: x, search_in, lambda x: x.nbytes
 
 
-def index_kinds(full: bool, n: int) -> list[tuple[str, Callable]]:
-    """(name, factory) per index. At 1M without --full: no f32 (f16 answers the same question at
-    half the memory) and no i8 (its recall already tops out at 100k; see the report)."""
-    kinds = [("numpy exact", _numpy), ("faiss IndexFlatIP", _faiss_flat), ("faiss HNSWFlat", _faiss_hnsw)]
-    kinds += [(f"usearch {d}", lambda d=d: _usearch(d)) for d in ("f32", "f16", "i8")]
+def index_kinds(
+    full: bool, n: int, connectivity: Iterable[int] = (CONNECTIVITY,)
+) -> list[tuple[str, int | None, Callable]]:
+    """(name, HNSW connectivity, factory) per index. At 1M without --full: no f32 (f16 answers
+    the same question at half the memory) and no i8 (its recall already tops out at 100k)."""
+    kinds: list[tuple[str, int | None, Callable]] = [
+        ("numpy exact", None, _numpy),
+        ("faiss IndexFlatIP", None, _faiss_flat),
+        ("faiss HNSWFlat", CONNECTIVITY, _faiss_hnsw),
+    ]
+    kinds += [(f"usearch {d}", CONNECTIVITY, lambda d=d: _usearch(d)) for d in ("f32", "f16", "i8")]
+    for m in connectivity:
+        if m != CONNECTIVITY:
+            kinds += [
+                (f"faiss HNSWFlat M{m}", m, lambda m=m: _faiss_hnsw(m)),
+                (f"usearch f16 M{m}", m, lambda m=m: _usearch("f16", m)),
+            ]
     if n >= 1_000_000 and not full:
         kinds = [k for k in kinds if k[0] not in ("usearch f32", "usearch i8")]
     try:
@@ -170,7 +184,13 @@ def index_kinds(full: bool, n: int) -> list[tuple[str, Callable]]:
 
 
 def run(
-    base: np.ndarray, queries: np.ndarray, sizes: Iterable[int], full: bool = False, n_queries: int = 200, seed: int = 0
+    base: np.ndarray,
+    queries: np.ndarray,
+    sizes: Iterable[int],
+    full: bool = False,
+    n_queries: int = 200,
+    seed: int = 0,
+    connectivity: Iterable[int] = (CONNECTIVITY,),
 ) -> list[dict]:
     """One row per (size, index, search setting)."""
     rng = np.random.default_rng(seed)
@@ -181,14 +201,14 @@ def run(
     for n in sizes:
         x = model_vectors(base, n, lift, rng)
         truth = exact_topk(x, q, 10)
-        kinds = index_kinds(full, n)
-        for name, factory in tqdm(kinds, desc=f"indexes at {n:,}", unit="index"):
+        kinds = index_kinds(full, n, connectivity)
+        for name, m, factory in tqdm(kinds, desc=f"indexes at {n:,}", unit="index"):
             build, searchers, memory = factory()
             t = time.perf_counter()
             idx = build(x, threads)
             build_s = time.perf_counter() - t
             for ef, search in searchers(idx):
-                row = {"vectors": n, "dim": DIM, "index": name, "expansion_search": ef}
+                row = {"vectors": n, "dim": DIM, "index": name, "connectivity": m, "expansion_search": ef}
                 row.update({"build_s": round(build_s, 2), "memory_MB": round(memory(idx) / 1e6, 1)})
                 row.update(_measure(search, q, truth))
                 rows.append(row)

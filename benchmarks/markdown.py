@@ -75,6 +75,7 @@ def headlines(report: dict) -> list[str]:
                 )
                 + " (text queries searching image-instance vectors by raw dot product: a hard case for graph indexes)"
             )
+        out += _connectivity_lines(idx)
         ex = [r for r in idx if r["vectors"] == n and r["index"] == "numpy exact"]
         u = best_at_recall(idx, n, "usearch f16", 0.95) or best_at_recall(idx, n, "usearch f16", 0.9)
         if ex and u:
@@ -94,6 +95,25 @@ def headlines(report: dict) -> list[str]:
             f"serving at concurrency 1: embedded {e2e['embedded_c1']['p50_ms']:.1f} ms, Triton gRPC "
             f"{e2e['triton_grpc_c1']['p50_ms']:.1f} ms, HTTP {e2e['triton_http_c1']['p50_ms']:.1f} ms p50"
         )
+    return out
+
+
+def _connectivity_lines(idx: list[dict]) -> list[str]:
+    """Denser graphs (M > 16) against the default, per size: best recall and its cost."""
+    out = []
+    for name in sorted({r["index"] for r in idx if " M" in r["index"]}):
+        base = name.rsplit(" M", 1)[0]
+        for n in sorted({r["vectors"] for r in idx if r["index"] == name}):
+            pair = [[r for r in idx if r["vectors"] == n and r["index"] == x] for x in (base, name)]
+            if not all(pair):
+                continue
+            (b, d) = (max(rows, key=lambda r: (r["recall@10"], -r["k10_p50_ms"])) for rows in pair)
+            out.append(
+                f"{name} vs M16 at {n:,} vectors: best recall@10 {d['recall@10']:.3f} vs {b['recall@10']:.3f} "
+                f"({d['k10_p50_ms']:.2f} vs {b['k10_p50_ms']:.2f} ms at ef {d['expansion_search']} / "
+                f"{b['expansion_search']}); memory {d['memory_MB']:.0f} vs {b['memory_MB']:.0f} MB, "
+                f"build {d['build_s']:.0f} vs {b['build_s']:.0f} s"
+            )
     return out
 
 

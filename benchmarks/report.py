@@ -24,6 +24,7 @@ from .figures import figures
 from .markdown import render
 
 SECTIONS = ("stages", "indexes", "two_stage", "end_to_end")
+INDEX_SIZES = (10_000, 100_000, 1_000_000)
 
 
 def slug(m: dict) -> str:
@@ -38,8 +39,9 @@ def run_report(
     full: bool = False,
     sections: tuple[str, ...] = SECTIONS,
     tiers: tuple[int, ...] | None = None,
-    index_sizes: tuple[int, ...] = (10_000, 100_000, 1_000_000),
+    index_sizes: tuple[int, ...] = INDEX_SIZES,
     requests: int = 400,
+    connectivity: tuple[int, ...] = (indexes.CONNECTIVITY,),
 ) -> Path:
     """Run `sections` and write the report; returns the JSON path. `tiers`: gallery sizes
     (images) of the two-stage comparison, default 1k and 10k (+ 100k with `full`)."""
@@ -72,6 +74,8 @@ def run_report(
         "command": "reir bench report"
         + (" --full" if full else "")
         + (f" --sections {','.join(sections)}" if tuple(sections) != SECTIONS else "")
+        + (f" --index-sizes {','.join(map(str, index_sizes))}" if tuple(index_sizes) != INDEX_SIZES else "")
+        + (f" --connectivity {','.join(map(str, connectivity))}" if tuple(connectivity) != (16,) else "")
         + ("" if own_work else f" --work {work}"),
         # galleries and encodings found in --work are reused, and their time is not in the total
         "reused": []
@@ -95,7 +99,9 @@ def run_report(
                     "indexing": stages.indexing_throughput(b, g),
                 }
             elif section == "indexes":
-                report["indexes"] = indexes.run(g.embeddings, g.queries, index_sizes, full=full)
+                report["indexes"] = indexes.run(
+                    g.embeddings, g.queries, index_sizes, full=full, connectivity=connectivity
+                )
             elif section == "two_stage":
                 report["two_stage"] = two_stage.run(g, b, tiers)
                 if big:

@@ -52,6 +52,7 @@ def test_report_writes_json_markdown_and_figures(tiny_bundle, tmp_path):
         sections=("stages", "indexes", "two_stage"),
         tiers=(30, 60),
         index_sizes=(500, 2000),
+        connectivity=(16, 32),
     )
     report = json.loads(path.read_text())
     assert not list(out.glob("*.partial.json"))
@@ -61,6 +62,9 @@ def test_report_writes_json_markdown_and_figures(tiny_bundle, tmp_path):
     hnsw = [r for r in report["indexes"] if r["index"] == "usearch f16"]
     assert {r["expansion_search"] for r in hnsw} == {16, 32, 64, 128, 256}
     assert all(0 < r["recall@10"] <= 1 and r["k10_p50_ms"] > 0 for r in hnsw)
+    dense = [r for r in report["indexes"] if r["index"] in ("usearch f16 M32", "faiss HNSWFlat M32")]
+    assert len(dense) == 2 * 2 * 5 and all(r["connectivity"] == 32 for r in dense)  # 2 kinds x 2 sizes x 5 ef
+    assert "--index-sizes 500,2000 --connectivity 16,32 --work" in report["command"]
     rows = report["two_stage"]
     assert [r["images"] for r in rows] == [30, 60]
     for r in rows:  # the two-stage query ran the visual encoder on its m images
@@ -69,6 +73,7 @@ def test_report_writes_json_markdown_and_figures(tiny_bundle, tmp_path):
     md = path.with_suffix(".md").read_text()
     assert "## Headlines" in md and report["machine_label"] in md and "CLARE vs two-stage at 60 images" in md
     assert "accuracy at 60 images" in md
+    assert "usearch f16 M32 vs M16 at 2,000 vectors: best recall@10" in md
     assert len(report["figures"]) == 3
     for name in report["figures"]:
         assert (out / name).stat().st_size > 10_000  # a drawn PNG, not an empty canvas
