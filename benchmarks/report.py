@@ -130,8 +130,13 @@ def run_report(
 
 def rerender(json_path: Path) -> Path:
     """Figures and markdown again from a stored JSON (no measuring)."""
+    from reir.engine.fsutil import write_json_atomic
+
     report = json.loads(Path(json_path).read_text(encoding="utf-8"))
-    figures(report, json_path.parent)
+    names = [p.name for p in figures(report, json_path.parent)]
+    if names != report.get("figures"):  # e.g. a panel added since, or a renamed report
+        report["figures"] = names
+        write_json_atomic(json_path, report)
     md_path = json_path.with_suffix(".md")
     md_path.write_text(render(report), encoding="utf-8")
     return md_path
