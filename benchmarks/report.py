@@ -75,7 +75,11 @@ def run_report(
         + (" --full" if full else "")
         + (f" --sections {','.join(sections)}" if tuple(sections) != SECTIONS else "")
         + (f" --index-sizes {','.join(map(str, index_sizes))}" if tuple(index_sizes) != INDEX_SIZES else "")
-        + (f" --connectivity {','.join(map(str, connectivity))}" if tuple(connectivity) != (16,) else "")
+        + (
+            f" --connectivity {','.join(map(str, connectivity))}"
+            if tuple(connectivity) != (indexes.CONNECTIVITY,)
+            else ""
+        )
         + ("" if own_work else f" --work {work}"),
         # galleries and encodings found in --work are reused, and their time is not in the total
         "reused": []

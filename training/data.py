@@ -102,8 +102,7 @@ class TrainSet(torch.utils.data.Dataset):
         flipped = bool(rng.random() < self.hflip)
         text, logic = expr.text, expr.logic
         if flipped:
-            arr, boxes, mirrored = _mirror(arr, boxes, objects or [], meta.width, meta.height, x=True, y=False)
-            objects = mirrored if objects else None
+            arr, boxes, objects = _mirror(arr, boxes, objects, meta.width, meta.height, x=True, y=False)
             text = swap_left_right(text)
             logic = mirror_logic(logic) if logic else None
         texts = [Text(text, ids.index(expr.instance_id), logic)]
@@ -163,18 +162,19 @@ def twin_keys(indices: list[int], batch_size: int, rng: np.random.Generator) -> 
 
 
 def _mirror(
-    arr: np.ndarray, boxes: np.ndarray, objects: list[SceneObject], w: int, h: int, x: bool, y: bool
-) -> tuple[np.ndarray, np.ndarray, list[SceneObject]]:
-    """The scene mirrored in x and/or y: pixels, normalised xyxy boxes and objects together."""
+    arr: np.ndarray, boxes: np.ndarray, objects: list[SceneObject] | None, w: int, h: int, x: bool, y: bool
+) -> tuple[np.ndarray, np.ndarray, list[SceneObject] | None]:
+    """The scene mirrored in x and/or y: pixels, normalised xyxy boxes and objects (None for
+    real data without attributes) together."""
     boxes = boxes.copy()
     if x:
         arr = arr[:, ::-1]
         boxes[:, [0, 2]] = 1.0 - boxes[:, [2, 0]]
-        objects = [mirror_object(o, w) for o in objects]
+        objects = [mirror_object(o, w) for o in objects] if objects else objects
     if y:
         arr = arr[::-1]
         boxes[:, [1, 3]] = 1.0 - boxes[:, [3, 1]]
-        objects = [mirror_object_vertically(o, h) for o in objects]
+        objects = [mirror_object_vertically(o, h) for o in objects] if objects else objects
     return np.ascontiguousarray(arr), boxes, objects
 
 

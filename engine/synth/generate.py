@@ -169,10 +169,8 @@ def _attach_answers(ds: Dataset, scenes: dict, split: str, size: int, progress: 
         own = [e for e in queries if e.split == split]
         picked = sample([e.id for e in own])
         # the test-novel rephrasing of a picked expression: same target, same logical form
-        born = {(e.instance_id, json.dumps(e.logic, sort_keys=True)) for e in own if e.id in picked}
-        twins = [
-            e for e in queries if e.split != split and (e.instance_id, json.dumps(e.logic, sort_keys=True)) in born
-        ]
+        born = {(e.instance_id, _logic_key(e.logic)) for e in own if e.id in picked}
+        twins = [e for e in queries if e.split != split and (e.instance_id, _logic_key(e.logic)) in born]
         queries = [e for e in own if e.id in picked] + twins
 
     def having(desc: dict[str, str]) -> np.ndarray:
@@ -184,7 +182,7 @@ def _attach_answers(ds: Dataset, scenes: dict, split: str, size: int, progress: 
     cache: dict[str, tuple[int, ...]] = {}  # test and test-novel share logical forms
     for e in tqdm(queries, desc=f"answer sets ({split})", unit="expr", disable=not progress, mininterval=1.0):
         logic = e.logic
-        key = json.dumps(logic, sort_keys=True)
+        key = _logic_key(logic)
         if key in cache:
             ds.expressions[e.id] = replace(e, answers=cache[key])
             continue
@@ -197,6 +195,11 @@ def _attach_answers(ds: Dataset, scenes: dict, split: str, size: int, progress: 
             found.extend(ids[k] for k in satisfying(logic, objs, size, size))
         cache[key] = tuple(sorted(found))
         ds.expressions[e.id] = replace(e, answers=cache[key])
+
+
+def _logic_key(logic: Logic) -> str:
+    """Equal logical forms, equal keys (test and test-novel share forms)."""
+    return json.dumps(logic, sort_keys=True)
 
 
 def generate(out: Path, cfg: SynthConfig, overwrite: bool = False, progress: bool = True) -> tuple[Dataset, float]:
