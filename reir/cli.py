@@ -89,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", type=Path, required=True, help="canonical dataset directory")
     p.add_argument("--split", default="test")
     p.add_argument("--gallery-images", type=int, default=0, help="first N gallery images only (0 = all)")
+    p.add_argument("--device", default="auto", help="PyTorch checkpoints: auto (GPU if torch sees one), cpu or cuda")
     p.add_argument("--json", type=Path, help="write the report as JSON")
     p.add_argument("--md", type=Path, help="write the report as a markdown table")
     p.add_argument("--quiet", action="store_true")

@@ -8,7 +8,7 @@ torch = pytest.importorskip("torch", reason="torch not installed (training extra
 
 from reir.engine.data import load_dataset  # noqa: E402
 from reir.engine.synth.logic import satisfying  # noqa: E402
-from reir.training.clia import clia_labels  # noqa: E402
+from reir.training.clia import clia_labels, positive_matrix  # noqa: E402
 from reir.training.data import TrainSet, collate, positives, twin_keys  # noqa: E402
 
 
@@ -83,10 +83,12 @@ def test_positives_and_clia_labels(synth_small):
                 if j != i:
                     assert pos[j][k] == satisfying(t.logic, other.objects, *other.orig_size)
             k += 1
-    owners = [torch.eye(len(s.boxes))[:, : len(s.boxes)] for s in batch.samples]  # query q <-> object q
-    q = max(len(s.boxes) for s in batch.samples)
-    owners = [torch.nn.functional.pad(o, (0, 0, 0, q - len(o))) for o in owners]
-    labels = clia_labels(owners, pos, len(texts))
+    n = max(len(s.boxes) for s in batch.samples)
+    owners = torch.zeros(len(batch.samples), n + 2, n)  # query q <-> object q; two queries own nothing
+    for i, s in enumerate(batch.samples):
+        owners[i, : len(s.boxes), : len(s.boxes)] = torch.eye(len(s.boxes))
+    labels = clia_labels(owners, positive_matrix(pos, n, len(texts)))
+    assert labels.shape == (len(batch.samples), n + 2, len(texts))
     for i in range(len(batch.samples)):
         for k in range(len(texts)):
             assert set(torch.nonzero(labels[i, :, k]).flatten().tolist()) == set(pos[i][k])

@@ -51,10 +51,12 @@ def _eval(args: argparse.Namespace) -> int:
 
     from .evaluate import evaluate_model
     from .text import load_tokenizer
+    from .trainer import resolve_device
 
     if args.checkpoint is None:
         raise CheckpointError("reir eval: pass a CHECKPOINT (PyTorch) or --bundle BUNDLE (the engine)")
     cfg, model = load_model(args.checkpoint)
+    model.to(resolve_device(args.device, "--device"))
     if args.gallery_images:
         cfg.eval.gallery_images = args.gallery_images
     ds = load_dataset(args.data)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -30,7 +31,7 @@ class _AllGather(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, sizes: list[int]) -> Tensor:
         world = dist.get_world_size()
-        padded = torch.zeros((max(sizes), *x.shape[1:]), dtype=x.dtype)
+        padded = torch.zeros((max(sizes), *x.shape[1:]), dtype=x.dtype, device=x.device)
         padded[: x.shape[0]] = x
         parts = [torch.empty_like(padded) for _ in range(world)]
         dist.all_gather(parts, padded)
@@ -45,12 +46,20 @@ class _AllGather(torch.autograd.Function):
         return grad[ctx.start : ctx.stop], None
 
 
+def comm_device() -> torch.device:
+    """Where a collective's buffers must live: NCCL takes GPU tensors only, gloo CPU ones."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def gather_with_grad(x: Tensor) -> tuple[Tensor, int]:
     """All ranks' rows of x, differentiable; and where this rank's rows start."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x, 0
-    counts = [torch.zeros(1, dtype=torch.long) for _ in range(dist.get_world_size())]
-    dist.all_gather(counts, torch.tensor([x.shape[0]], dtype=torch.long))
+    device = comm_device()
+    counts = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(dist.get_world_size())]
+    dist.all_gather(counts, torch.tensor([x.shape[0]], dtype=torch.long, device=device))
     sizes = [int(c) for c in counts]  # rows per rank, gathered once for both uses
     return _AllGather.apply(x, sizes), sum(sizes[: dist.get_rank()])
 
@@ -72,13 +81,18 @@ class CLIALoss(nn.Module):
         return -F.logsigmoid(y * logits).sum() / texts.shape[0]
 
 
-def clia_labels(owners: list[Tensor], positives: list[list[list[int]]], num_texts: int) -> Tensor:
-    """labels[i, j, k] = 1 iff query j of local image i stands for a GT object of image i that
-    text k (global index) is true of. owners[i]: [Q, n] query-object assignment (criterion);
-    positives[i][k]: the objects of image i text k is true of."""
-    labels = torch.zeros(len(owners), owners[0].shape[0] if owners else 0, num_texts)
-    for i, own in enumerate(owners):
-        for k, objs in enumerate(positives[i]):
-            if objs:
-                labels[i, :, k] = own[:, objs].amax(1)
-    return labels
+def positive_matrix(positives: list[list[list[int]]], num_objects: int, num_texts: int, device=None) -> Tensor:
+    """[B, N, K] in {0, 1}: object n of local image i is one text k (global index) is true of.
+    Built once per step on the host, then moved in one copy: per-(image, text) tensor ops
+    would launch thousands of kernels per step on a GPU."""
+    pos = np.zeros((len(positives), num_objects, num_texts), np.float32)
+    for i, per_text in enumerate(positives):
+        for k, objs in enumerate(per_text):
+            pos[i, objs, k] = 1.0
+    return torch.from_numpy(pos).to(device)
+
+
+def clia_labels(owners: Tensor, positives: Tensor) -> Tensor:
+    """labels[i, j, k] = 1 iff query j of local image i stands for (owners [B, Q, N]) an object
+    of image i that text k is true of (positives [B, N, K], `positive_matrix`)."""
+    return (torch.bmm(owners, positives) > 0).to(owners.dtype)

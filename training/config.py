@@ -122,6 +122,7 @@ class TrainConfig:
     log_every: int = 20
     ckpt_every: int = 500
     threads: int = 0  # 0 = torch default
+    device: str = "auto"  # auto (the GPU when torch sees one, else the CPU), cpu or cuda
 
 
 @dataclass

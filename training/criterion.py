@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .box_ops import box_iou, cxcywh_to_xyxy, generalized_box_iou
-from .clia import CLIALoss, clia_labels, gather_with_grad
+from .clia import CLIALoss, clia_labels, comm_device, gather_with_grad, positive_matrix
 from .config import LossConfig, StageConfig
 from .matcher import hungarian_match
 
@@ -74,19 +74,19 @@ class SetCriterion(nn.Module):
         return out
 
     @torch.no_grad()
-    def _owners(self, boxes: Tensor, t: Targets, match) -> list[Tensor]:
-        """Per image [Q, n] in {0, 1}: which queries stand for which object in the selection and
-        CLIA losses: the Hungarian match, plus every query whose box overlaps the object with
-        IoU >= `select_iou`. Duplicates are then not negatives; the gallery's NMS removes them."""
-        out = []
+    def _owners(self, boxes: Tensor, t: Targets, match, num_objects: int) -> Tensor:
+        """[B, Q, N] in {0, 1}: which queries stand for which object (padded to N) in the
+        selection and CLIA losses: the Hungarian match, plus every query whose box overlaps the
+        object with IoU >= `select_iou`. Duplicates are then not negatives; the gallery's NMS
+        removes them."""
+        own = torch.zeros(boxes.shape[0], boxes.shape[1], num_objects, device=boxes.device)
         for b, (qi, ti) in enumerate(match):
-            own = torch.zeros(boxes.shape[1], len(t.boxes[b]))
-            if self.cfg.select_iou <= 1.0 and len(t.boxes[b]):
+            n = len(t.boxes[b])
+            if self.cfg.select_iou <= 1.0 and n:
                 iou = box_iou(cxcywh_to_xyxy(boxes[b].float()), cxcywh_to_xyxy(t.boxes[b].float()))[0]
-                own = (iou >= self.cfg.select_iou).float()
-            own[qi, ti] = 1.0
-            out.append(own)
-        return out
+                own[b, :, :n] = (iou >= self.cfg.select_iou).float()
+            own[b, qi, ti] = 1.0
+        return own
 
     def forward(
         self,
@@ -114,6 +114,11 @@ class SetCriterion(nn.Module):
             add(f"enc_{k}", v, weights[k])
 
         n_layers = len(outputs["boxes"])
+        device = outputs["boxes"][-1].device
+        num_objects = max([len(b) for b in targets.boxes] + [1])
+        img = torch.as_tensor(targets.text_image, dtype=torch.long, device=device)
+        obj = torch.as_tensor(targets.text_target, dtype=torch.long, device=device)
+        pos = None
         for layer in range(n_layers):
             last = layer == n_layers - 1
             logits, boxes, emb = outputs["objectness"][layer], outputs["boxes"][layer], outputs["embeddings"][layer]
@@ -126,18 +131,17 @@ class SetCriterion(nn.Module):
                 for b, (qi, ti) in enumerate(match):
                     cls_t[b, qi, targets.labels[b][ti]] = 1.0
                 add("class", sigmoid_focal(cls_logits, cls_t, c.focal_alpha, c.focal_gamma) / num_boxes, c.class_weight)
-            owner = self._owners(boxes, targets, match)
+            owner = self._owners(boxes, targets, match, num_objects)
             if stage.rec:
-                img = torch.as_tensor(targets.text_image, dtype=torch.long)
                 sel = torch.einsum("td,tqd->tq", queries[layer], emb[img])
-                sel_t = torch.zeros_like(sel)
-                for t, (b, obj) in enumerate(zip(targets.text_image, targets.text_target, strict=True)):
-                    sel_t[t] = owner[b][:, obj]
+                sel_t = owner[img, :, obj].to(sel.dtype)  # [T, Q]: the queries standing for each text's target
                 npos = _global_count(float(sel_t.sum()))
                 add("select", sigmoid_focal(sel, sel_t, c.focal_alpha, c.focal_gamma) / npos, c.select_weight)
             if stage.clia:
                 texts, _ = gather_with_grad(queries[layer])
-                labels = clia_labels(owner, targets.positives, texts.shape[0]).to(emb.device)
+                if pos is None:  # the same for every layer
+                    pos = positive_matrix(targets.positives, num_objects, texts.shape[0], device)
+                labels = clia_labels(owner, pos)
                 add("clia", self.clia[layer](emb, texts, labels), c.clia_weight if last else c.clia_aux_weight)
         logs["total"] = float(total.detach())
         return total, logs
@@ -146,7 +150,7 @@ class SetCriterion(nn.Module):
 def _global_count(n: float) -> float:
     """A normaliser shared by all ranks (DETR: average number of boxes per rank), at least 1."""
     if dist.is_available() and dist.is_initialized():
-        t = torch.tensor([float(n)])
+        t = torch.tensor([float(n)], device=comm_device())
         dist.all_reduce(t)
-        n = float(t) / dist.get_world_size()
+        n = float(t.cpu()) / dist.get_world_size()
     return max(float(n), 1.0)

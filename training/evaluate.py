@@ -22,26 +22,32 @@ from .text import tokenize
 
 def torch_detector(model: CLARE, cfg: EvalConfig) -> DetectFn:
     det = Detector(model, cfg.topk, cfg.nms_iou).eval()
+    device = _device(model)
 
     @torch.no_grad()
     def detect(images: np.ndarray):
-        return tuple(t.numpy() for t in det(torch.from_numpy(images)))
+        return tuple(t.cpu().numpy() for t in det(torch.from_numpy(images).to(device)))
 
     return detect
 
 
 def torch_text_encoder(model: CLARE, tokenizer, batch: int = 128) -> EncodeTextFn:
     query = TextQuery(model).eval()
+    device = _device(model)
 
     @torch.no_grad()
     def encode(texts: list[str]) -> np.ndarray:
         out = []
         for start in range(0, len(texts), batch):
-            enc = tokenize(tokenizer, texts[start : start + batch], model.cfg.text.max_length)
-            out.append(query(enc["input_ids"], enc["attention_mask"]).float().numpy())
+            enc = tokenize(tokenizer, texts[start : start + batch], model.cfg.text.max_length, device=device)
+            out.append(query(enc["input_ids"], enc["attention_mask"]).float().cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, model.embed_dim), np.float32)
 
     return encode
+
+
+def _device(model: CLARE) -> torch.device:
+    return next(model.parameters()).device
 
 
 def evaluate_model(model: CLARE, tokenizer, ds: Dataset, split: str, cfg: EvalConfig, progress: bool = True) -> Report:

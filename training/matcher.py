@@ -28,12 +28,13 @@ def hungarian_match(
     gamma: float = 2.0,
 ) -> list[tuple[Tensor, Tensor]]:
     """logits [B, Q], boxes [B, Q, 4] (cxcywh), targets: per image [n, 4] cxcywh.
-    Returns per image (query indices, target indices)."""
+    Returns per image (query indices, target indices), on the device of `boxes`."""
     out = []
     prob = logits.float().sigmoid()
     for b, tgt in enumerate(targets):
         if len(tgt) == 0:
-            out.append((torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)))
+            empty = torch.zeros(0, dtype=torch.long, device=boxes.device)
+            out.append((empty, empty))
             continue
         p = prob[b]
         neg = (1 - alpha) * p**gamma * (-(1 - p + 1e-8).log())
@@ -43,5 +44,10 @@ def hungarian_match(
         c_giou = -generalized_box_iou(cxcywh_to_xyxy(boxes[b].float()), cxcywh_to_xyxy(tgt.float()))
         cost = (w_class * c_class + w_l1 * c_l1 + w_giou * c_giou).cpu().numpy()
         qi, ti = linear_sum_assignment(np.nan_to_num(cost, nan=1e6, posinf=1e6))
-        out.append((torch.as_tensor(qi, dtype=torch.long), torch.as_tensor(ti, dtype=torch.long)))
+        out.append(
+            (
+                torch.as_tensor(qi, dtype=torch.long, device=boxes.device),
+                torch.as_tensor(ti, dtype=torch.long, device=boxes.device),
+            )
+        )
     return out

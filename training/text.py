@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -118,9 +119,11 @@ class TextEncoder(nn.Module):
         return F.normalize(pooled, dim=-1)
 
 
-def tokenize(tokenizer, texts: list[str], max_length: int, pad_to_max: bool = False) -> dict[str, Tensor]:
+def tokenize(
+    tokenizer, texts: list[str], max_length: int, pad_to_max: bool = False, device: torch.device | None = None
+) -> dict[str, Tensor]:
     """Clean, then tokenize. SigLIP towers (no attention mask) want `pad_to_max`."""
     cleaned = [clean_expression(t) for t in texts]
     padding = "max_length" if pad_to_max else True
     enc = tokenizer(cleaned, padding=padding, truncation=True, max_length=max_length, return_tensors="pt")
-    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+    return {"input_ids": enc["input_ids"].to(device), "attention_mask": enc["attention_mask"].to(device)}

@@ -18,17 +18,33 @@ from tqdm import tqdm
 from reir.engine.data import load_dataset
 
 from .checkpoint import CheckpointError, check_compatible, load_checkpoint, save_checkpoint
-from .config import Config, StageConfig
+from .config import Config, ConfigError, StageConfig
 from .criterion import SetCriterion, Targets
 from .data import TrainSet, collate, positives, twin_keys
 from .model import CLARE, build_model
 from .text import load_tokenizer, tokenize
 
 
-def setup_distributed() -> tuple[int, int]:
-    """(rank, world size); initialises gloo when launched by torchrun."""
+def resolve_device(name: str, where: str = "train.device") -> torch.device:
+    """`train.device`: 'auto' takes the GPU when torch sees one, so a GPU host needs no edit
+    of a CPU recipe; under torchrun each rank takes its LOCAL_RANK's GPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cpu":
+        return torch.device("cpu")
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"{where}: 'cuda', but this torch sees no GPU (torch.cuda.is_available() is False)")
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    raise ConfigError(f"{where}: {name!r} is not one of auto, cpu, cuda")
+
+
+def setup_distributed(device: torch.device) -> tuple[int, int]:
+    """(rank, world size); under torchrun initialises NCCL on GPUs, gloo on CPUs."""
     if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1 and not dist.is_initialized():
-        dist.init_process_group("gloo")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
@@ -75,7 +91,8 @@ def prepare_data(cfg: Config, rank: int) -> Path:
 class Trainer:
     def __init__(self, cfg: Config, progress: bool = True):
         self.cfg, self.progress = cfg, progress
-        self.rank, self.world = setup_distributed()
+        self.device = resolve_device(cfg.train.device)
+        self.rank, self.world = setup_distributed(self.device)
         torch.manual_seed(cfg.seed)
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
@@ -85,10 +102,10 @@ class Trainer:
         self.train_set = TrainSet(
             self.ds, cfg.data.train_split, cfg.model.image_size, cfg.data.hflip, cfg.seed, cfg.data.composed
         )
-        self.model = build_model(cfg.model)
+        self.model = build_model(cfg.model).to(self.device)
         if cfg.train.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.criterion = SetCriterion(cfg.loss, cfg.model.dec_layers)
+        self.criterion = SetCriterion(cfg.loss, cfg.model.dec_layers).to(self.device)
         self.tokenizer = load_tokenizer(cfg.model.text)
         self.skipped = 0
         self.sentence_cache: dict[str, torch.Tensor] = {}
@@ -128,8 +145,8 @@ class Trainer:
         else:
             texts = local
         return Targets(
-            boxes=[s.boxes for s in samples],
-            labels=[s.labels for s in samples],
+            boxes=[s.boxes.to(self.device) for s in samples],
+            labels=[s.labels.to(self.device) for s in samples],
             text_image=[i for i, _ in texts_of],
             text_target=[t.target for _, t in texts_of],
             positives=positives(samples, texts, offset),
@@ -137,12 +154,12 @@ class Trainer:
 
     # -- one step ---------------------------------------------------------------------
     def loss(self, batch, stage: StageConfig) -> tuple[torch.Tensor, dict[str, float]]:
-        images = batch.images
+        images = batch.images.to(self.device)
         if self.cfg.train.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         texts = [t.text for _, t in batch.texts()]
         names = self.train_set.categories if stage.detection else []
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.cfg.train.bf16):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.train.bf16):
             outputs = self.model.encode_image(images)
             per_layer = self.model.queries(self.sentences(texts + names))
         n = len(texts)
@@ -154,11 +171,11 @@ class Trainer:
     def sentences(self, texts: list[str]) -> torch.Tensor:
         """Sentence embeddings; memoised per text while the whole text encoder is frozen."""
         if any(p.requires_grad for p in self.model.text.parameters()):
-            enc = tokenize(self.tokenizer, texts, self.cfg.model.text.max_length)
+            enc = tokenize(self.tokenizer, texts, self.cfg.model.text.max_length, device=self.device)
             return self.model.encode_sentence(enc["input_ids"], enc["attention_mask"])
         missing = sorted({t for t in texts if t not in self.sentence_cache})
         if missing:
-            enc = tokenize(self.tokenizer, missing, self.cfg.model.text.max_length)
+            enc = tokenize(self.tokenizer, missing, self.cfg.model.text.max_length, device=self.device)
             with torch.no_grad():
                 emb = self.model.encode_sentence(enc["input_ids"], enc["attention_mask"]).float()
             self.sentence_cache.update(zip(missing, emb, strict=True))
