@@ -151,3 +151,45 @@ def test_evaluate_report_breakdowns_and_json_roundtrip():
     again = Report.from_dict(__import__("json").loads(rep.to_json()))
     assert again.metrics == rep.metrics and again.groups == rep.groups
     assert "BR (multi-positive)" in rep.table()
+
+
+def test_top1_failures_name_the_kind_of_miss(synth_small):
+    """One query of each kind, built from a generated synthetic split, then the report."""
+    from reir.engine.data import load_dataset
+
+    ds = load_dataset(synth_small)
+    exprs = sorted(ds.split_expressions("test"), key=lambda e: e.id)
+    by_image: dict[int, list] = {}
+    for inst in ds.instances.values():
+        by_image.setdefault(inst.image_id, []).append(inst)
+    test_images = {ds.instances[e.instance_id].image_id for e in exprs}
+
+    def kind_of(e, inst) -> str:  # what the classifier should say for an instance as top-1
+        if inst.id in (e.answers or ()):
+            return "hit"
+        same = all(inst.attributes.get(k) == v for k, v in e.logic["target"].items())
+        return "wrong context" if same else "wrong attributes"
+
+    wanted = {"hit": None, "wrong attributes": None, "wrong context": None}
+    for e in exprs:
+        for image in sorted(test_images):
+            for inst in by_image[image]:
+                k = kind_of(e, inst)
+                if wanted[k] is None and all(w is None or w[0].id != e.id for w in wanted.values()):
+                    wanted[k] = (e, inst)
+    assert all(v is not None for v in wanted.values()), wanted
+    preds = {e.id: hits([(inst.image_id, inst.box, 0.9)]) for e, inst in wanted.values()}
+    # a fourth query: its top-1 box is a 1-pixel corner of a test image, background
+    e4 = next(e for e in exprs if e.id not in preds)
+    preds[e4.id] = hits([(min(test_images), (0.0, 0.0, 1.0, 1.0), 0.9)])
+
+    rep = evaluate(preds, ds, "test")
+    f = rep.failures
+    n = len(exprs)
+    assert f["all"]["n"] == n
+    assert f["all"]["misses"] == n - 1  # only the one hit; queries without hits are misses too
+    assert round(rep.metrics["mBR@1(0.5)"] * n / 100) == 1
+    for kind in ("no instance", "wrong attributes", "wrong context"):
+        assert f["all"][kind] == pytest.approx(100.0 / (n - 1)), kind
+    assert "Top-1 misses" in rep.table() and "wrong context" in rep.table()
+    assert Report.from_dict(__import__("json").loads(rep.to_json())).failures == f

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from ..data.dataset import Dataset, Expression
+from .failures import KINDS, diagnosable, top1_failures
 from .ranking import Hits
 from .retrieval import KS, TAUS, Outcome, box_recall, image_recall, outcome, rec_accuracy
 
@@ -38,6 +39,7 @@ class Report:
     metrics: dict[str, float]
     groups: dict[str, dict[str, float]] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
+    failures: dict[str, dict[str, float]] = field(default_factory=dict)  # failures.top1_failures
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -46,6 +48,7 @@ class Report:
             "metrics": self.metrics,
             "groups": self.groups,
             "meta": self.meta,
+            "failures": self.failures,
         }
 
     def to_json(self, indent: int = 2) -> str:
@@ -62,7 +65,14 @@ class Report:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Report:
-        return cls(d["split"], d["n_queries"], dict(d["metrics"]), dict(d.get("groups", {})), dict(d.get("meta", {})))
+        return cls(
+            d["split"],
+            d["n_queries"],
+            dict(d["metrics"]),
+            dict(d.get("groups", {})),
+            dict(d.get("meta", {})),
+            dict(d.get("failures", {})),
+        )
 
     def table(self) -> str:
         """Markdown: the k x tau grid (official and multi-positive), then the breakdowns."""
@@ -82,6 +92,12 @@ class Report:
             for name, g in self.groups.items():
                 cells = [f"{g[k]:.2f}" if k in g else "–" for k in keys]
                 lines.append(f"| {name} | {int(g['n'])} | " + " | ".join(cells) + " |")
+        if self.failures:
+            lines += ["", "Top-1 misses (multi-positive, IoU 0.5) by kind, in % of the misses:", ""]
+            lines += ["| type | n | misses | " + " | ".join(KINDS) + " |", "|---" * (3 + len(KINDS)) + "|"]
+            for name, f in self.failures.items():
+                cells = [f"{f[k]:.1f}" for k in KINDS]
+                lines.append(f"| {name} | {int(f['n'])} | {int(f['misses'])} | " + " | ".join(cells) + " |")
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -163,7 +179,8 @@ def evaluate(
     names = sorted({g for r in rows for g in r[3]}, key=_group_order)
     groups = {g: summarise([r for r in rows if g in r[3]]) for g in names}
     meta = {"multi_positive": has_answers, "gallery_images": len(dataset.gallery_image_ids(split))}
-    return Report(split, len(rows), metrics, groups, meta)
+    failures = top1_failures(predictions, dataset, exprs) if diagnosable(dataset, exprs) else {}
+    return Report(split, len(rows), metrics, groups, meta, failures)
 
 
 def _group_order(name: str) -> tuple[int, int, str]:

@@ -1,0 +1,84 @@
+"""Why a top-1 result is wrong, on data where every instance carries its attributes and every
+expression its logical form (the synthetic benchmark).
+
+A BR@1 number says how often retrieval fails, not why. For every query whose top-1 instance
+is not a multi-positive hit at IoU 0.5, the top-1 box is put in one of three classes:
+
+- `no instance`: it overlaps no instance of its image with IoU >= 0.5 (a detection failure);
+- `wrong attributes`: it is an instance whose own shape/colour/size/fill differ from the
+  target's description (the embedding does not say what the object is);
+- `wrong context`: the instance has the target's attributes but not its location, relation
+  or rank (the embedding says what the object is, not where or next to what).
+
+The split between the last two tells whether relation expressions fail for lack of context
+in the instance embedding or for lack of appearance.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+from ..data.dataset import Dataset, Expression
+from .boxes import pairwise_iou
+from .ranking import Hits
+
+KINDS = ("no instance", "wrong attributes", "wrong context")
+TAU = 0.5
+
+
+def diagnosable(dataset: Dataset, exprs: list[Expression]) -> bool:
+    """True when every expression has a logical form and every instance its attributes."""
+    return (
+        bool(exprs)
+        and all(e.logic and e.answers is not None for e in exprs)
+        and all(i.attributes for i in dataset.instances.values())
+    )
+
+
+def top1_failures(predictions: Mapping[int, Hits], dataset: Dataset, exprs: list[Expression]) -> dict[str, dict]:
+    """Per expression type (and `all`): queries, top-1 misses, and the share of each kind of
+    miss in percent of the misses. A query with no hits is counted as a miss of no kind."""
+    boxes_of: dict[int, tuple[np.ndarray, list]] = {}
+    for inst in dataset.instances.values():
+        boxes_of.setdefault(inst.image_id, ([], []))
+        boxes_of[inst.image_id][0].append(inst.box)
+        boxes_of[inst.image_id][1].append(inst)
+    counts: dict[str, dict[str, int]] = {}
+    for e in exprs:
+        kind = _classify(predictions.get(e.id), e, dataset, boxes_of)
+        for group in (e.type or "unknown", "all"):
+            c = counts.setdefault(group, {"n": 0, "misses": 0, **dict.fromkeys(KINDS, 0)})
+            c["n"] += 1
+            if kind != "hit":
+                c["misses"] += 1
+                if kind in KINDS:
+                    c[kind] += 1
+    out = {}
+    for group in sorted(counts, key=lambda g: (g == "all", g)):
+        c = counts[group]
+        row: dict[str, float] = {"n": float(c["n"]), "misses": float(c["misses"])}
+        for k in KINDS:
+            row[k] = 100.0 * c[k] / c["misses"] if c["misses"] else 0.0
+        out[group] = row
+    return out
+
+
+def _classify(hits: Hits | None, e: Expression, dataset: Dataset, boxes_of) -> str:
+    if hits is None or len(hits) == 0:
+        return "empty"
+    image = int(hits.image_ids[0])
+    box = hits.boxes[:1]
+    answers = [dataset.instances[a] for a in e.answers or () if dataset.instances[a].image_id == image]
+    if answers and pairwise_iou(box, np.asarray([a.box for a in answers], dtype=np.float64)).max() >= TAU:
+        return "hit"
+    boxes, insts = boxes_of.get(image, ([], []))
+    if not boxes:
+        return "no instance"
+    iou = pairwise_iou(box, np.asarray(boxes, dtype=np.float64))[0]
+    if iou.max() < TAU:
+        return "no instance"
+    attrs = insts[int(iou.argmax())].attributes or {}
+    target = e.logic.get("target", {}) if e.logic else {}
+    return "wrong context" if all(attrs.get(k) == v for k, v in target.items()) else "wrong attributes"
