@@ -164,13 +164,18 @@ def test_top1_failures_name_the_kind_of_miss(synth_small):
         by_image.setdefault(inst.image_id, []).append(inst)
     test_images = {ds.instances[e.instance_id].image_id for e in exprs}
 
+    def fits(inst, desc) -> bool:
+        return all(inst.attributes.get(k) == v for k, v in desc.items())
+
     def kind_of(e, inst) -> str:  # what the classifier should say for an instance as top-1
         if inst.id in (e.answers or ()):
             return "hit"
-        same = all(inst.attributes.get(k) == v for k, v in e.logic["target"].items())
-        return "wrong context" if same else "wrong attributes"
+        if fits(inst, e.logic["target"]):
+            return "wrong context"
+        anchor = (e.logic.get("relation") or {}).get("anchor")
+        return "the anchor" if anchor and fits(inst, anchor) else "wrong attributes"
 
-    wanted = {"hit": None, "wrong attributes": None, "wrong context": None}
+    wanted = {"hit": None, "the anchor": None, "wrong attributes": None, "wrong context": None}
     for e in exprs:
         for image in sorted(test_images):
             for inst in by_image[image]:
@@ -189,7 +194,7 @@ def test_top1_failures_name_the_kind_of_miss(synth_small):
     assert f["all"]["n"] == n
     assert f["all"]["misses"] == n - 1  # only the one hit; queries without hits are misses too
     assert round(rep.metrics["mBR@1(0.5)"] * n / 100) == 1
-    for kind in ("no instance", "wrong attributes", "wrong context"):
+    for kind in ("no instance", "the anchor", "wrong attributes", "wrong context"):
         assert f["all"][kind] == pytest.approx(100.0 / (n - 1)), kind
     assert "Top-1 misses" in rep.table() and "wrong context" in rep.table()
     assert Report.from_dict(__import__("json").loads(rep.to_json())).failures == f

@@ -116,6 +116,11 @@ def test_checkpoint_roundtrip_and_errors(tmp_path):
     other.model = type(cfg.model)(**{**cfg.model.__dict__, "d_model": 32})
     with pytest.raises(CheckpointError, match=r"model.d_model: 64 vs 32"):
         check_compatible(path, state, other)
+    # which layers train is not part of the weights: a stage-2 variant may change it
+    thawed = Config(**{**cfg.__dict__})
+    text = type(cfg.model.text)(**{**cfg.model.text.__dict__, "trainable_layers": 3})
+    thawed.model = type(cfg.model)(**{**cfg.model.__dict__, "text": text})
+    check_compatible(path, state, thawed)
     truncated = tmp_path / "bad.pt"
     truncated.write_bytes(path.read_bytes()[:1000])
     with pytest.raises(CheckpointError, match=r"bad\.pt: cannot read checkpoint"):

@@ -67,9 +67,15 @@ def load_checkpoint(path: Path) -> tuple[Config, dict[str, Any]]:
     return cfg, state
 
 
+# Model fields that change how weights train, not which weights exist: a stage-2 variant may
+# differ in them from the checkpoint it starts from.
+TRAINING_ONLY = ("model.text.trainable_layers", "model.dropout")
+
+
 def check_compatible(path: Path, saved: dict[str, Any], cfg: Config) -> None:
     """Refuse to resume or load into a model built from a different model config."""
     diffs = diff_configs(saved["config"]["model"], cfg.to_dict()["model"], "model.")
+    diffs = [d for d in diffs if d.partition(":")[0] not in TRAINING_ONLY]
     if diffs:
         raise CheckpointError(f"{path}: made with a different model config: " + "; ".join(diffs))
 

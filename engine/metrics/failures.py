@@ -5,7 +5,10 @@ A BR@1 number says how often retrieval fails, not why. For every query whose top
 is not a multi-positive hit at IoU 0.5, the top-1 box is put in one of three classes:
 
 - `no instance`: it overlaps no instance of its image with IoU >= 0.5 (a detection failure);
-- `wrong attributes`: it is an instance whose own shape/colour/size/fill differ from the
+- `the anchor`: (relation expressions) it is an instance with the attributes of the
+  expression's anchor, not of its target ("the square under the navy triangle" -> a navy
+  triangle): the embedding matched the wrong noun phrase;
+- `wrong attributes`: any other instance whose own shape/colour/size/fill differ from the
   target's description (the embedding does not say what the object is);
 - `wrong context`: the instance has the target's attributes but not its location, relation
   or rank (the embedding says what the object is, not where or next to what).
@@ -24,7 +27,7 @@ from ..data.dataset import Dataset, Expression
 from .boxes import pairwise_iou
 from .ranking import Hits
 
-KINDS = ("no instance", "wrong attributes", "wrong context")
+KINDS = ("no instance", "the anchor", "wrong attributes", "wrong context")
 TAU = 0.5
 
 
@@ -80,5 +83,12 @@ def _classify(hits: Hits | None, e: Expression, dataset: Dataset, boxes_of) -> s
     if iou.max() < TAU:
         return "no instance"
     attrs = insts[int(iou.argmax())].attributes or {}
-    target = e.logic.get("target", {}) if e.logic else {}
-    return "wrong context" if all(attrs.get(k) == v for k, v in target.items()) else "wrong attributes"
+    logic = e.logic or {}
+    if _fits(attrs, logic.get("target", {})):
+        return "wrong context"
+    anchor = (logic.get("relation") or {}).get("anchor")
+    return "the anchor" if anchor and _fits(attrs, anchor) else "wrong attributes"
+
+
+def _fits(attrs: dict, desc: dict) -> bool:
+    return all(attrs.get(k) == v for k, v in desc.items())
