@@ -104,3 +104,17 @@ def test_unreadable_images_are_skipped(synth_small, tmp_path):
     ds.image_path(ts.image_ids[0]).write_bytes(b"not a png")
     batch = collate([ts[0], ts[1]])
     assert batch.skipped == 1 and len(batch.samples) == 1
+
+
+def test_attribute_names_label_instances_with_their_attributes(synth_small):
+    ds = load_dataset(synth_small)
+    plain = TrainSet(ds, "train", 128, hflip=0.0)
+    named = TrainSet(ds, "train", 128, hflip=0.0, attribute_names=True)
+    assert set(plain.categories) == {i.category for i in ds.instances.values()}
+    assert len(named.categories) > len(plain.categories)
+    sample = named[0]
+    insts = named.instances[named.image_ids[0]]
+    for label, inst in zip(sample.labels.tolist(), insts, strict=True):
+        a = inst.attributes
+        assert named.categories[label] == f"{a['size']} {a['fill']} {a['color']} {a['shape']}"
+        assert inst.category in named.categories[label]

@@ -109,6 +109,7 @@ class DataConfig:
     composed: int = 0  # synthetic scenes: extra expressions composed per image on the fly (training/data.py)
     hflip: float = 0.5
     workers: int = 1
+    attribute_names: bool = False  # synthetic: stage-1 detection names with attributes (data.py)
 
 
 @dataclass

@@ -63,10 +63,23 @@ class Batch:
         return [(i, t) for i, s in enumerate(self.samples) for t in s.texts]
 
 
+ATTRIBUTE_ORDER = ("size", "fill", "color", "shape")  # English adjective order
+
+
 class TrainSet(torch.utils.data.Dataset):
-    def __init__(self, ds: Dataset, split: str, image_size: int, hflip: float, seed: int = 0, composed: int = 0):
+    def __init__(
+        self,
+        ds: Dataset,
+        split: str,
+        image_size: int,
+        hflip: float,
+        seed: int = 0,
+        composed: int = 0,
+        attribute_names: bool = False,
+    ):
         self.ds, self.size, self.hflip, self.seed, self.composed = ds, image_size, hflip, seed, composed
-        self.categories = sorted({i.category for i in ds.instances.values()})
+        self.attribute_names = attribute_names
+        self.categories = sorted({self.name_of(i) for i in ds.instances.values()})
         self.cat_index = {c: n for n, c in enumerate(self.categories)}
         by_image: dict[int, list] = {}
         for e in ds.split_expressions(split):
@@ -76,6 +89,14 @@ class TrainSet(torch.utils.data.Dataset):
         insts = ds.instances_by_image()
         self.instances = {i: sorted(insts[i], key=lambda x: x.id) for i in self.image_ids}
         self.epoch = 0
+
+    def name_of(self, inst) -> str:
+        """The detection name of an instance: its category, or with `attribute_names` (synthetic
+        data) its attributes too, "small solid green square", so that stage 1 must put colour,
+        size and fill into the instance embedding, not only the shape."""
+        if self.attribute_names and inst.attributes:
+            return " ".join(inst.attributes[k] for k in ATTRIBUTE_ORDER if k in inst.attributes)
+        return inst.category
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -124,7 +145,7 @@ class TrainSet(torch.utils.data.Dataset):
         return Sample(
             image=torch.from_numpy(arr).permute(2, 0, 1),
             boxes=torch.from_numpy(cxcywh),
-            labels=torch.tensor([self.cat_index[i.category] for i in insts], dtype=torch.long),
+            labels=torch.tensor([self.cat_index[self.name_of(i)] for i in insts], dtype=torch.long),
             texts=texts,
             objects=objects,
             orig_size=(meta.width, meta.height),

@@ -99,8 +99,9 @@ class Trainer:
         self.run_dir = Path(cfg.out_dir) / cfg.name
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.ds = load_dataset(prepare_data(cfg, self.rank))
+        d = cfg.data
         self.train_set = TrainSet(
-            self.ds, cfg.data.train_split, cfg.model.image_size, cfg.data.hflip, cfg.seed, cfg.data.composed
+            self.ds, d.train_split, cfg.model.image_size, d.hflip, cfg.seed, d.composed, d.attribute_names
         )
         self.model = build_model(cfg.model).to(self.device)
         if cfg.train.channels_last:
