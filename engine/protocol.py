@@ -21,6 +21,7 @@ from .data import Dataset
 from .data.dataset import gallery_split
 from .image import ImageError, read_rgb, resize_rgb
 from .metrics import GalleryArrays, Report, evaluate, rank_gallery
+from .metrics.probe import attribute_probe
 
 DetectFn = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]
 EncodeTextFn = Callable[[list[str]], np.ndarray]
@@ -116,6 +117,7 @@ def evaluate_retrieval(
             rec[e.id] = d.boxes[int(np.argmax(d.embeddings @ q))]
     sub = restrict(ds, split, kept) if gallery_images else ds
     report = evaluate({e.id: h for e, h in zip(exprs, hits, strict=True)}, sub, split, rec_boxes=rec)
+    report.probe = attribute_probe(dets, ds.instances_by_image())
     return report
 
 

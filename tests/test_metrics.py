@@ -198,3 +198,28 @@ def test_top1_failures_name_the_kind_of_miss(synth_small):
         assert f["all"][kind] == pytest.approx(100.0 / (n - 1)), kind
     assert "Top-1 misses" in rep.table() and "wrong context" in rep.table()
     assert Report.from_dict(__import__("json").loads(rep.to_json())).failures == f
+
+
+def test_attribute_probe_finds_what_embeddings_encode(synth_small):
+    """Embeddings that encode colour (one-hot + noise) and nothing else: colour is read back,
+    shape stays near chance, and a detection off every instance is not counted."""
+    from reir.engine.data import load_dataset
+    from reir.engine.metrics.probe import attribute_probe
+    from reir.engine.protocol import Detections
+
+    ds = load_dataset(synth_small)
+    by_image = ds.instances_by_image()
+    colours = sorted({i.attributes["color"] for i in ds.instances.values()})
+    rng = np.random.default_rng(0)
+    dets, n = {}, 0
+    for image, insts in by_image.items():
+        boxes = [i.box for i in insts] + [(0.0, 0.0, 1.0, 1.0)]  # + one box on background
+        emb = rng.normal(0, 0.3, (len(boxes), len(colours) + 8))
+        for j, inst in enumerate(insts):
+            emb[j, colours.index(inst.attributes["color"])] += 3.0
+        dets[image] = Detections(np.asarray(boxes, np.float64), np.ones(len(boxes)), emb)
+        n += len(insts)
+    probe = attribute_probe(dets, by_image)
+    assert probe["color"]["accuracy"] > 95 and probe["color"]["chance"] == pytest.approx(100 / len(colours))
+    assert probe["shape"]["accuracy"] < probe["shape"]["chance"] + 20
+    assert probe["color"]["n"] == n - n // 2

@@ -40,6 +40,7 @@ class Report:
     groups: dict[str, dict[str, float]] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
     failures: dict[str, dict[str, float]] = field(default_factory=dict)  # failures.top1_failures
+    probe: dict[str, dict[str, float]] = field(default_factory=dict)  # probe.attribute_probe
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -49,6 +50,7 @@ class Report:
             "groups": self.groups,
             "meta": self.meta,
             "failures": self.failures,
+            "probe": self.probe,
         }
 
     def to_json(self, indent: int = 2) -> str:
@@ -72,6 +74,7 @@ class Report:
             dict(d.get("groups", {})),
             dict(d.get("meta", {})),
             dict(d.get("failures", {})),
+            dict(d.get("probe", {})),
         )
 
     def table(self) -> str:
@@ -98,6 +101,10 @@ class Report:
             for name, f in self.failures.items():
                 cells = [f"{f[k]:.1f}" for k in KINDS]
                 lines.append(f"| {name} | {int(f['n'])} | {int(f['misses'])} | " + " | ".join(cells) + " |")
+        if self.probe:
+            cells = [f"{k} {p['accuracy']:.1f} (chance {p['chance']:.1f})" for k, p in self.probe.items()]
+            n = int(next(iter(self.probe.values()))["n"])
+            lines += ["", f"Instance embeddings, nearest-centroid accuracy per attribute (n={n}): " + " · ".join(cells)]
         return "\n".join(lines)
 
     def __str__(self) -> str:
