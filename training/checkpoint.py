@@ -14,7 +14,7 @@ import torch
 
 from reir.engine.fsutil import atomic_file
 
-from .config import Config, ConfigError, diff_configs, from_dict
+from .config import Config, ConfigError, architecture_diffs, from_dict
 
 FORMAT = "clare-reir/checkpoint"
 VERSION = 1
@@ -67,15 +67,9 @@ def load_checkpoint(path: Path) -> tuple[Config, dict[str, Any]]:
     return cfg, state
 
 
-# Model fields that change how weights train, not which weights exist: a stage-2 variant may
-# differ in them from the checkpoint it starts from.
-TRAINING_ONLY = ("model.text.trainable_layers", "model.dropout")
-
-
 def check_compatible(path: Path, saved: dict[str, Any], cfg: Config) -> None:
     """Refuse to resume or load into a model built from a different model config."""
-    diffs = diff_configs(saved["config"]["model"], cfg.to_dict()["model"], "model.")
-    diffs = [d for d in diffs if d.partition(":")[0] not in TRAINING_ONLY]
+    diffs = architecture_diffs(saved["config"]["model"], cfg.to_dict()["model"])
     if diffs:
         raise CheckpointError(f"{path}: made with a different model config: " + "; ".join(diffs))
 

@@ -256,3 +256,13 @@ def diff_configs(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list
         elif va != vb:
             out.append(f"{key}: {va!r} vs {vb!r}")
     return out
+
+
+# Model fields that say how weights train, not which weights exist: a stage-2 variant may differ
+# in them from the checkpoint it starts from, and an exported model does not record them.
+TRAINING_ONLY = ("model.text.trainable_layers", "model.dropout")
+
+
+def architecture_diffs(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """`diff_configs` of two model configs, without the TRAINING_ONLY fields."""
+    return [d for d in diff_configs(a, b, "model.") if d.partition(":")[0] not in TRAINING_ONLY]
