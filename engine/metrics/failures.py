@@ -43,14 +43,10 @@ def diagnosable(dataset: Dataset, exprs: list[Expression]) -> bool:
 def top1_failures(predictions: Mapping[int, Hits], dataset: Dataset, exprs: list[Expression]) -> dict[str, dict]:
     """Per expression type (and `all`): queries, top-1 misses, and the share of each kind of
     miss in percent of the misses. A query with no hits is counted as a miss of no kind."""
-    boxes_of: dict[int, tuple[np.ndarray, list]] = {}
-    for inst in dataset.instances.values():
-        boxes_of.setdefault(inst.image_id, ([], []))
-        boxes_of[inst.image_id][0].append(inst.box)
-        boxes_of[inst.image_id][1].append(inst)
+    by_image = dataset.instances_by_image()
     counts: dict[str, dict[str, int]] = {}
     for e in exprs:
-        kind = _classify(predictions.get(e.id), e, dataset, boxes_of)
+        kind = _classify(predictions.get(e.id), e, dataset, by_image)
         for group in (e.type or "unknown", "all"):
             c = counts.setdefault(group, {"n": 0, "misses": 0, **dict.fromkeys(KINDS, 0)})
             c["n"] += 1
@@ -68,7 +64,7 @@ def top1_failures(predictions: Mapping[int, Hits], dataset: Dataset, exprs: list
     return out
 
 
-def _classify(hits: Hits | None, e: Expression, dataset: Dataset, boxes_of) -> str:
+def _classify(hits: Hits | None, e: Expression, dataset: Dataset, by_image: Mapping[int, list]) -> str:
     if hits is None or len(hits) == 0:
         return "empty"
     image = int(hits.image_ids[0])
@@ -76,10 +72,10 @@ def _classify(hits: Hits | None, e: Expression, dataset: Dataset, boxes_of) -> s
     answers = [dataset.instances[a] for a in e.answers or () if dataset.instances[a].image_id == image]
     if answers and pairwise_iou(box, np.asarray([a.box for a in answers], dtype=np.float64)).max() >= TAU:
         return "hit"
-    boxes, insts = boxes_of.get(image, ([], []))
-    if not boxes:
+    insts = by_image.get(image, [])
+    if not insts:
         return "no instance"
-    iou = pairwise_iou(box, np.asarray(boxes, dtype=np.float64))[0]
+    iou = pairwise_iou(box, np.asarray([i.box for i in insts], dtype=np.float64))[0]
     if iou.max() < TAU:
         return "no instance"
     attrs = insts[int(iou.argmax())].attributes or {}
