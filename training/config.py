@@ -61,6 +61,7 @@ class ModelConfig:
     num_queries: int = 900
     dropout: float = 0.0
     relation_context: bool = True  # explicit pairwise-geometry attention among queries
+    context_slots: int = 0  # > 0: neighbour sums per learned relation added to the embedding (context.py)
     box_features: bool = True  # box-pooled appearance fed to every decoder layer (training/roi.py)
     image_size: int = 128  # training/eval input side (square)
 

@@ -3,6 +3,7 @@ the final dot product, so gallery images are encoded once, offline.
 
 visual: backbone -> neck -> encoder -> text-free proposal selection -> decoder with
         iterative refinement -> per query: box, objectness, instance embedding
+        (+ optional neighbour context, context.py)
 text:   encoder -> mean pool -> L2 norm -> MORE (one per decoder layer) -> query T
 score:  <T, o> (raw dot product, as the paper)
 """
@@ -15,6 +16,7 @@ from torch import Tensor, nn
 
 from .backbone import build_backbone
 from .config import ModelConfig
+from .context import InstanceContext
 from .more import text_projection
 from .neck import Neck
 from .proposals import PRIOR, ProposalSelector
@@ -39,6 +41,8 @@ class CLARE(nn.Module):
         self.objectness = nn.ModuleList(nn.Linear(d, 1) for _ in range(cfg.dec_layers))
         for head in self.objectness:
             nn.init.constant_(head.bias, -math.log((1 - PRIOR) / PRIOR))
+        slots = cfg.context_slots
+        self.context = nn.ModuleList(InstanceContext(d, slots) for _ in range(cfg.dec_layers)) if slots else None
         self.text = TextEncoder(cfg.text)
         m = cfg.text.more
         self.text_proj = nn.ModuleList(
@@ -59,10 +63,15 @@ class CLARE(nn.Module):
         h, w = shapes[0]
         fine = memory[:, : h * w].transpose(1, 2).reshape(fine.shape)
         hidden, boxes = self.decoder(prop["tgt"], prop["ref"], memory, pos, fine)
+        objectness = [head(h).squeeze(-1) for head, h in zip(self.objectness, hidden, strict=True)]
+        embeddings = hidden  # the paper's instance embedding is the raw decoder state
+        if self.context is not None:  # ... ours adds what lies around it (training/context.py)
+            layers = zip(self.context, hidden, boxes, objectness, strict=True)
+            embeddings = [context(h, b, o) for context, h, b, o in layers]
         return {
-            "embeddings": hidden,  # per layer [B, Q, d]; the instance embedding is the raw state
+            "embeddings": embeddings,  # per layer [B, Q, d]
             "boxes": boxes,
-            "objectness": [head(h).squeeze(-1) for head, h in zip(self.objectness, hidden, strict=True)],
+            "objectness": objectness,
             "enc_boxes": prop["enc_boxes"],
             "enc_logits": prop["enc_logits"],
         }

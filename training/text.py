@@ -119,6 +119,23 @@ class TextEncoder(nn.Module):
         return F.normalize(pooled, dim=-1)
 
 
+def encode_by_length(encode, input_ids: Tensor, attention_mask: Tensor, bucket: int = 32) -> Tensor:
+    """`encode(ids, mask)` over texts sorted by length in buckets, each cut to its own longest
+    text, then put back in order. Padding all to the batch's longest wasted about half of the
+    text encoder's time in the synth recipe, where text dominates a training step. The same
+    embeddings (padding is masked), not for towers that pool a fixed position (SigLIP)."""
+    lengths = attention_mask.sum(1)
+    order = torch.argsort(lengths, stable=True)
+    parts = []
+    for start in range(0, len(order), bucket):
+        idx = order[start : start + bucket]
+        width = int(lengths[idx].max())
+        parts.append(encode(input_ids[idx, :width], attention_mask[idx, :width]))
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(len(order), device=order.device)
+    return torch.cat(parts)[inverse]
+
+
 def tokenize(
     tokenizer, texts: list[str], max_length: int, pad_to_max: bool = False, device: torch.device | None = None
 ) -> dict[str, Tensor]:

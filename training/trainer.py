@@ -22,7 +22,7 @@ from .config import Config, ConfigError, StageConfig
 from .criterion import SetCriterion, Targets
 from .data import TrainSet, collate, positives, twin_keys
 from .model import CLARE, build_model
-from .text import load_tokenizer, tokenize
+from .text import encode_by_length, load_tokenizer, tokenize
 
 
 def resolve_device(name: str, where: str = "train.device") -> torch.device:
@@ -172,15 +172,19 @@ class Trainer:
     def sentences(self, texts: list[str]) -> torch.Tensor:
         """Sentence embeddings; memoised per text while the whole text encoder is frozen."""
         if any(p.requires_grad for p in self.model.text.parameters()):
-            enc = tokenize(self.tokenizer, texts, self.cfg.model.text.max_length, device=self.device)
-            return self.model.encode_sentence(enc["input_ids"], enc["attention_mask"])
+            return self._encode(texts)
         missing = sorted({t for t in texts if t not in self.sentence_cache})
         if missing:
-            enc = tokenize(self.tokenizer, missing, self.cfg.model.text.max_length, device=self.device)
             with torch.no_grad():
-                emb = self.model.encode_sentence(enc["input_ids"], enc["attention_mask"]).float()
+                emb = self._encode(missing).float()
             self.sentence_cache.update(zip(missing, emb, strict=True))
         return torch.stack([self.sentence_cache[t] for t in texts])
+
+    def _encode(self, texts: list[str]) -> torch.Tensor:
+        enc = tokenize(self.tokenizer, texts, self.cfg.model.text.max_length, device=self.device)
+        if self.model.text.siglip:
+            return self.model.encode_sentence(enc["input_ids"], enc["attention_mask"])
+        return encode_by_length(self.model.encode_sentence, enc["input_ids"], enc["attention_mask"])
 
     # -- the loop ---------------------------------------------------------------------
     def fit(self, resume: bool = False, start_from: Path | None = None) -> Path:
