@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+MATCH_IOU = 0.5  # the diagnostics' "this detection is that instance" (the protocol's first tau)
+
 
 def box_area(b: np.ndarray) -> np.ndarray:
     b = np.asarray(b, dtype=np.float64)

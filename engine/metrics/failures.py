@@ -24,11 +24,10 @@ from collections.abc import Mapping
 import numpy as np
 
 from ..data.dataset import Dataset, Expression
-from .boxes import pairwise_iou
+from .boxes import MATCH_IOU, pairwise_iou
 from .ranking import Hits
 
 KINDS = ("no instance", "the anchor", "wrong attributes", "wrong context")
-TAU = 0.5
 
 
 def diagnosable(dataset: Dataset, exprs: list[Expression]) -> bool:
@@ -70,13 +69,13 @@ def _classify(hits: Hits | None, e: Expression, dataset: Dataset, by_image: Mapp
     image = int(hits.image_ids[0])
     box = hits.boxes[:1]
     answers = [dataset.instances[a] for a in e.answers or () if dataset.instances[a].image_id == image]
-    if answers and pairwise_iou(box, np.asarray([a.box for a in answers], dtype=np.float64)).max() >= TAU:
+    if answers and pairwise_iou(box, np.asarray([a.box for a in answers], dtype=np.float64)).max() >= MATCH_IOU:
         return "hit"
     insts = by_image.get(image, [])
     if not insts:
         return "no instance"
     iou = pairwise_iou(box, np.asarray([i.box for i in insts], dtype=np.float64))[0]
-    if iou.max() < TAU:
+    if iou.max() < MATCH_IOU:
         return "no instance"
     attrs = insts[int(iou.argmax())].attributes or {}
     logic = e.logic or {}

@@ -13,9 +13,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from .boxes import pairwise_iou
-
-TAU = 0.5
+from .boxes import MATCH_IOU, pairwise_iou
 
 
 def attribute_probe(dets: Mapping[int, object], instances_by_image: Mapping[int, list]) -> dict[str, dict[str, float]]:
@@ -31,7 +29,7 @@ def attribute_probe(dets: Mapping[int, object], instances_by_image: Mapping[int,
         iou = pairwise_iou(np.asarray(d.boxes, np.float64), np.asarray([i.box for i in insts], np.float64))
         for j, inst in enumerate(insts):
             k = int(iou[:, j].argmax())
-            if iou[k, j] >= TAU:
+            if iou[k, j] >= MATCH_IOU:
                 emb.append(np.asarray(d.embeddings[k], np.float64))
                 attrs.append(inst.attributes)
     if len(emb) < 4:
