@@ -67,3 +67,26 @@ def test_train_cli_names_a_bad_config_key(tmp_path):
         timeout=120,
     )
     assert res.returncode == 2 and "checkpoint not found" in res.stderr
+
+
+def test_synonym_probe_scores_an_encoder_that_knows_the_lexicon_and_measures_minilm():
+    """The probe gives full marks to an encoder that maps every word to its meaning, and
+    measures how far the shipped MiniLM is from that: the novel size words land on their
+    synonyms, most novel colour words land on another colour (the `test-novel` bound)."""
+    from reir.engine.synth.grammar import WORDS
+    from reir.training.synonyms import KINDS, sentence_encoder, synonym_probe
+
+    meaning = {w: (k, v) for k in KINDS for v, pair in WORDS[k].items() for side in pair for w in side}
+    keys = sorted(set(meaning.values()), key=str)
+
+    def oracle(texts):
+        return torch.stack([torch.eye(len(keys))[keys.index(meaning[t])] for t in texts])
+
+    hits = synonym_probe(oracle)
+    assert len(hits) == 25 and all(h.correct for h in hits)
+    minilm = {h.novel: h for h in synonym_probe(sentence_encoder(None))}
+    assert len(minilm) == 25
+    assert all(minilm[w].correct for w in ("tiny", "moderate", "huge"))
+    assert (
+        sum(minilm[w].correct for w in ("scarlet", "amber", "lemon", "emerald", "teal", "azure", "plum", "rose")) <= 2
+    )

@@ -118,3 +118,55 @@ def test_attribute_names_label_instances_with_their_attributes(synth_small):
         a = inst.attributes
         assert named.categories[label] == f"{a['size']} {a['fill']} {a['color']} {a['shape']}"
         assert inst.category in named.categories[label]
+
+
+def test_counterfactuals_are_false_of_their_source_target_and_one_field_away(synth_small):
+    """Each contrast text is one field of an image's expression changed, false of that
+    expression's target, rendered in the train lexicon; relations are preferred."""
+    from reir.engine.synth.grammar import train_vocabulary
+
+    ds = load_dataset(synth_small)
+    ts = TrainSet(ds, "train", 128, hflip=0.5, composed=3)
+    assert ts[0].contrasts == []  # off unless a CLIA stage asks
+    ts.contrasts = 2
+    words, n, relations = train_vocabulary(), 0, 0
+    for idx in range(40):
+        s = ts[idx]
+        assert len(s.contrasts) <= 2
+        for c in s.contrasts:
+            sources = [t for t in s.texts if _one_field_apart(t.logic, c.logic)]
+            assert sources, c.logic
+            assert any(t.target not in satisfying(c.logic, s.objects, *s.orig_size) for t in sources)
+            assert set(c.text.split()) <= words and c.target == -1
+            relations += bool(c.logic.get("relation"))
+            n += 1
+    assert n >= 60 and relations >= n // 3
+
+
+def _one_field_apart(a: dict, b: dict) -> bool:
+    def leaves(d, prefix=""):
+        out = {}
+        for k, v in (d or {}).items():
+            out.update(leaves(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    la, lb = leaves(a), leaves(b)
+    return sum(la.get(k) != lb.get(k) for k in set(la) | set(lb)) == 1
+
+
+def test_counterfactuals_are_clia_negatives_of_their_own_image_and_exact_elsewhere(synth_small):
+    """In a batch, contrast texts come after the texts with targets and are labelled by exact
+    semantics in every image, their own included (no object is assumed to be theirs)."""
+    ds = load_dataset(synth_small)
+    ts = TrainSet(ds, "train", 128, hflip=0.5, composed=2)
+    ts.contrasts = 1
+    batch = collate([ts[i] for i in range(8)])
+    real, contrasts = batch.texts(), batch.contrasts()
+    assert contrasts
+    texts = [(t.logic, i) for i, t in real] + [(t.logic, i) for i, t in contrasts]
+    pos = positives(batch.samples, texts, 0)
+    for k, (owner, c) in enumerate(contrasts, start=len(real)):
+        for i, s in enumerate(batch.samples):
+            assert pos[i][k] == satisfying(c.logic, s.objects, *s.orig_size)
+        source = [t for t in batch.samples[owner].texts if _one_field_apart(t.logic, c.logic)]
+        assert any(t.target not in pos[owner][k] for t in source)

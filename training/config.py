@@ -62,6 +62,7 @@ class ModelConfig:
     dropout: float = 0.0
     relation_context: bool = True  # explicit pairwise-geometry attention among queries
     context_slots: int = 0  # > 0: neighbour sums per learned relation added to the embedding (context.py)
+    context_width: int = 32  # width of one slot's neighbour sum
     box_features: bool = True  # box-pooled appearance fed to every decoder layer (training/roi.py)
     image_size: int = 128  # training/eval input side (square)
 
@@ -99,6 +100,7 @@ class StageConfig:
     clia: bool = False
     train_text: bool = True  # False: the whole text encoder is frozen (and memoised) for this stage
     flip_twins: bool = False  # synthetic scenes: each batch holds every scene and a mirrored twin (data.py)
+    contrasts: int = 0  # synthetic scenes, CLIA stages: counterfactual texts per image as hard negatives
 
 
 @dataclass

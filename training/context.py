@@ -21,16 +21,14 @@ from torch import Tensor, nn
 
 from .transformer import MLP, box_sine, pairwise_geometry
 
-SLOT_DIM = 32  # width of one slot's neighbour summary
-
 
 class InstanceContext(nn.Module):
-    def __init__(self, d: int, slots: int, hidden: int = 64):
+    def __init__(self, d: int, slots: int, width: int = 32, hidden: int = 64):
         super().__init__()
-        self.slots, self.d = slots, d
+        self.slots, self.width, self.d = slots, width, d
         self.gate = MLP(6, hidden, slots, 2)
-        self.value = nn.Linear(d, slots * SLOT_DIM)
-        self.out = nn.Linear(slots * SLOT_DIM, d)
+        self.value = nn.Linear(d, slots * width)
+        self.out = nn.Linear(slots * width, d)
         self.position = nn.Linear(d, d)
         for layer in (self.out, self.position):
             nn.init.zeros_(layer.weight)
@@ -45,6 +43,6 @@ class InstanceContext(nn.Module):
         gates = torch.sigmoid(self.gate(pairwise_geometry(boxes * 4.0)))  # [B, Q(i), Q(j), S]
         others = 1.0 - torch.eye(q, dtype=gates.dtype, device=gates.device)
         weights = gates * (others[None, :, :, None] * torch.sigmoid(objectness)[:, None, :, None])
-        values = self.value(hidden).view(b, q, self.slots, SLOT_DIM)
+        values = self.value(hidden).view(b, q, self.slots, self.width)
         context = torch.einsum("bijs,bjsk->bisk", weights, values).reshape(b, q, -1)
         return hidden + self.out(context) + self.position(box_sine(boxes, self.d))

@@ -96,7 +96,8 @@ class SetCriterion(nn.Module):
         stage: StageConfig,
         category_queries: list[Tensor] | None = None,
     ) -> tuple[Tensor, dict[str, float]]:
-        """outputs: CLARE.encode_image; queries: per layer [T, d] (local texts, several per image)."""
+        """outputs: CLARE.encode_image; queries: per layer [T, d] (local texts, several per image;
+        the ones with a target first, then counterfactuals without one)."""
         c = self.cfg
         num_boxes = _global_count(sum(len(b) for b in targets.boxes))
         weights = {"objectness": c.objectness_weight, "l1": c.l1_weight, "giou": c.giou_weight}
@@ -133,7 +134,8 @@ class SetCriterion(nn.Module):
                 add("class", sigmoid_focal(cls_logits, cls_t, c.focal_alpha, c.focal_gamma) / num_boxes, c.class_weight)
             owner = self._owners(boxes, targets, match, num_objects)
             if stage.rec:
-                sel = torch.einsum("td,tqd->tq", queries[layer], emb[img])
+                own = queries[layer][: len(targets.text_target)]  # counterfactuals follow: CLIA only
+                sel = torch.einsum("td,tqd->tq", own, emb[img])
                 sel_t = owner[img, :, obj].to(sel.dtype)  # [T, Q]: the queries standing for each text's target
                 npos = _global_count(float(sel_t.sum()))
                 add("select", sigmoid_focal(sel, sel_t, c.focal_alpha, c.focal_gamma) / npos, c.select_weight)

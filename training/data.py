@@ -29,6 +29,7 @@ from torch import Tensor
 from reir.engine.data import Dataset
 from reir.engine.image import load_rgb
 from reir.engine.synth.compose import Composer, choose_construct
+from reir.engine.synth.contrast import counterfactual
 from reir.engine.synth.grammar import Phraser
 from reir.engine.synth.logic import mirror_logic, mirror_object, mirror_object_vertically, satisfying
 from reir.engine.synth.scene import SceneObject
@@ -49,6 +50,7 @@ class Sample:
     labels: Tensor  # [n]
     texts: list[Text]
     objects: list[SceneObject] | None  # as presented, for exact positives
+    contrasts: list[Text]  # counterfactuals of `texts`, false of their targets (CLIA negatives)
     orig_size: tuple[int, int]  # (width, height) of the source image: the logic's frame
 
 
@@ -61,6 +63,10 @@ class Batch:
     def texts(self) -> list[tuple[int, Text]]:
         """(local image index, text) for every text of the batch, in order."""
         return [(i, t) for i, s in enumerate(self.samples) for t in s.texts]
+
+    def contrasts(self) -> list[tuple[int, Text]]:
+        """(local image index, counterfactual text): CLIA-only texts, after `texts()` in the batch."""
+        return [(i, t) for i, s in enumerate(self.samples) for t in s.contrasts]
 
 
 ATTRIBUTE_ORDER = ("size", "fill", "color", "shape")  # English adjective order
@@ -89,6 +95,7 @@ class TrainSet(torch.utils.data.Dataset):
         insts = ds.instances_by_image()
         self.instances = {i: sorted(insts[i], key=lambda x: x.id) for i in self.image_ids}
         self.epoch = 0
+        self.contrasts = 0  # counterfactual texts per image (set per stage: only CLIA uses them)
 
     def name_of(self, inst) -> str:
         """The detection name of an instance: its category, or with `attribute_names` (synthetic
@@ -133,6 +140,7 @@ class TrainSet(torch.utils.data.Dataset):
             texts = self._compose(objects, meta.width, meta.height, rng, exclude=None, count=1 + self.composed)
         elif objects and self.composed:
             texts += self._compose(objects, meta.width, meta.height, rng, exclude=texts[0].target)
+        contrasts = self._contrasts(texts, objects, meta.width, meta.height, rng) if objects else []
         cxcywh = np.stack(
             [
                 (boxes[:, 0] + boxes[:, 2]) / 2,
@@ -148,8 +156,24 @@ class TrainSet(torch.utils.data.Dataset):
             labels=torch.tensor([self.cat_index[self.name_of(i)] for i in insts], dtype=torch.long),
             texts=texts,
             objects=objects,
+            contrasts=contrasts,
             orig_size=(meta.width, meta.height),
         )
+
+    def _contrasts(self, texts: list[Text], objects: list[SceneObject], w: int, h: int, rng) -> list[Text]:
+        """Up to `contrasts` counterfactuals of this image's expressions, relations and other
+        context-bound ones first (attribute expressions are the easy ones)."""
+        if not self.contrasts:
+            return []
+        pool = [t for t in texts if t.logic]
+        pool = [pool[i] for i in rng.permutation(len(pool))]
+        pool.sort(key=lambda t: not any(t.logic.get(k) for k in ("location", "relation", "superlative")))
+        out = []
+        for t in pool[: self.contrasts]:
+            logic = counterfactual(t.logic, objects, w, h, t.target, rng)
+            if logic is not None:
+                out.append(Text(Phraser(rng).render(logic), -1, logic))
+        return out
 
     def _compose(
         self,

@@ -41,8 +41,8 @@ class CLARE(nn.Module):
         self.objectness = nn.ModuleList(nn.Linear(d, 1) for _ in range(cfg.dec_layers))
         for head in self.objectness:
             nn.init.constant_(head.bias, -math.log((1 - PRIOR) / PRIOR))
-        slots = cfg.context_slots
-        self.context = nn.ModuleList(InstanceContext(d, slots) for _ in range(cfg.dec_layers)) if slots else None
+        slots, width = cfg.context_slots, cfg.context_width
+        self.context = nn.ModuleList(InstanceContext(d, slots, width) for _ in range(cfg.dec_layers)) if slots else None
         self.text = TextEncoder(cfg.text)
         m = cfg.text.more
         self.text_proj = nn.ModuleList(

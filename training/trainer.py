@@ -137,6 +137,7 @@ class Trainer:
         samples = batch.samples
         texts_of = batch.texts()
         local = [(t.logic if self.cfg.loss.multi_positive else None, i) for i, t in texts_of]
+        local += [(t.logic, i) for i, t in batch.contrasts()]  # labelled by exact semantics everywhere
         offset = 0
         if self.world > 1:
             gathered: list = [None] * self.world
@@ -158,7 +159,7 @@ class Trainer:
         images = batch.images.to(self.device)
         if self.cfg.train.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        texts = [t.text for _, t in batch.texts()]
+        texts = [t.text for _, t in batch.texts() + batch.contrasts()]
         names = self.train_set.categories if stage.detection else []
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.train.bf16):
             outputs = self.model.encode_image(images)
@@ -196,8 +197,8 @@ class Trainer:
         last = self.run_dir / "last.pt"
         source = last if resume and last.is_file() else start_from
         if source is not None:
-            _, state = load_checkpoint(source)
-            check_compatible(source, state, cfg)
+            saved, state = load_checkpoint(source)
+            check_compatible(source, saved, cfg)
             if source == start_from and state["step"] != 0:
                 raise CheckpointError(f"{source}: saved in the middle of a stage; --start-from needs a stage's end")
             self.model.load_state_dict(state["model"])
@@ -209,6 +210,7 @@ class Trainer:
                 continue
             self.model.text.freeze(cfg.model.text.trainable_layers if stage.train_text else 0)
             self.sentence_cache.clear()  # the encoder may have changed in the previous stage
+            self.train_set.contrasts = stage.contrasts if stage.clia else 0
             opt = torch.optim.AdamW(
                 param_groups(self.model, self.criterion, stage), weight_decay=cfg.train.weight_decay
             )
