@@ -172,3 +172,28 @@ def test_efficientnet_lite0_loads_the_wheel_weights_strictly():
     with torch.no_grad():
         feats = net(net.normalise(torch.rand(1, 3, 128, 128)))
     assert [tuple(f.shape[1:]) for f in feats] == [(40, 16, 16), (112, 8, 8), (320, 4, 4)]
+
+
+def test_listwise_clia_term_rewards_positives_outranking_every_candidate():
+    """Per text, -log of the softmax mass on its positives over all queries of all images:
+    by hand on a small case; zero-ish once every positive outranks the rest by far; texts
+    without a positive here add nothing; and it only ever pushes positives up."""
+    from reir.training.clia import CLIALoss, listwise_loss
+
+    logits = torch.tensor([[[2.0, 0.0], [1.0, 5.0]], [[3.0, -1.0], [0.0, 0.0]]])  # [B=2, M=2, K=2]
+    labels = torch.zeros_like(logits)
+    labels[0, 1, 0] = 1  # text 0: query 1 of image 0; text 1: no positive on this rank
+    want = torch.logsumexp(torch.tensor([2.0, 1.0, 3.0, 0.0]), 0) - 1.0
+    torch.testing.assert_close(listwise_loss(logits, labels), want)
+    wide = logits.clone()
+    wide[0, 1, 0] = 60.0
+    assert float(listwise_loss(wide, labels)) < 1e-6
+    grad = logits.clone().requires_grad_()
+    listwise_loss(grad, labels).backward()
+    assert grad.grad[0, 1, 0] < 0 and (grad.grad[..., 1] == 0).all()
+    assert float(listwise_loss(logits, torch.zeros_like(labels))) == 0.0
+    torch.manual_seed(0)
+    loss = CLIALoss(10.0, -3.0)
+    objects, texts = torch.randn(2, 3, 4), torch.randn(5, 4)
+    y = (torch.rand(2, 3, 5) > 0.7).float()
+    assert float(loss(objects, texts, y, listwise=2.0)) > float(loss(objects, texts, y))

@@ -72,13 +72,32 @@ class CLIALoss(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(math.log(init_scale)))
         self.bias = nn.Parameter(torch.tensor(init_bias))
 
-    def forward(self, objects: Tensor, texts: Tensor, labels: Tensor) -> Tensor:
+    def forward(self, objects: Tensor, texts: Tensor, labels: Tensor, listwise: float = 0.0) -> Tensor:
         """objects [B, M, D] (local), texts [G*B, D] (global, already gathered),
-        labels [B, M, G*B] in {0, 1}."""
+        labels [B, M, G*B] in {0, 1}. `listwise` > 0 adds that weight of `listwise_loss`."""
         logits = self.logit_scale.exp() * torch.einsum("bmd,kd->bmk", objects, texts) + self.bias
         logits = logits.clamp(-50000, 50000)
         y = labels.to(logits.dtype) * 2 - 1
-        return -F.logsigmoid(y * logits).sum() / texts.shape[0]
+        loss = -F.logsigmoid(y * logits).sum() / texts.shape[0]
+        if listwise > 0:
+            loss = loss + listwise * listwise_loss(logits, labels)
+        return loss
+
+
+def listwise_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """Per text, -log of the softmax mass its positives take among all of this rank's
+    queries, averaged over the texts with a positive here. The sigmoid loss judges each pair
+    against a fixed threshold; retrieval asks that a positive outrank every other candidate
+    of every image, which is what a softmax over candidates rewards (multi-positive: any
+    positive may take the mass). logits, labels [B, M, K]."""
+    flat = logits.flatten(0, 1).T  # [K, B*M]
+    pos = labels.flatten(0, 1).T > 0
+    has = pos.any(1)
+    if not bool(has.any()):
+        return logits.sum() * 0.0
+    flat, pos = flat[has], pos[has]
+    mass = torch.logsumexp(flat.masked_fill(~pos, float("-inf")), 1)
+    return (torch.logsumexp(flat, 1) - mass).mean()
 
 
 def positive_matrix(positives: list[list[list[int]]], num_objects: int, num_texts: int, device=None) -> Tensor:

@@ -80,6 +80,7 @@ class LossConfig:
     clia_aux_weight: float = 1.0  # the official code's (undocumented) weight on auxiliary layers
     clia_init_scale: float = 10.0  # exp(t) at init (t = log 10)
     clia_init_bias: float = 0.0  # the official code's b init; SigLIP uses -10 (see training/README.md)
+    clia_listwise: float = 0.0  # > 0: plus a multi-positive softmax of each text over the batch's queries
     multi_positive: bool = True  # other images' candidates that satisfy the expression are positives
     select_iou: float = 0.6  # selection/CLIA positives: matched query + queries with IoU >= this (> 1: match only)
     match_class: float = 2.0

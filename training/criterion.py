@@ -144,7 +144,8 @@ class SetCriterion(nn.Module):
                 if pos is None:  # the same for every layer
                     pos = positive_matrix(targets.positives, num_objects, texts.shape[0], device)
                 labels = clia_labels(owner, pos)
-                add("clia", self.clia[layer](emb, texts, labels), c.clia_weight if last else c.clia_aux_weight)
+                clia = self.clia[layer](emb, texts, labels, c.clia_listwise)
+                add("clia", clia, c.clia_weight if last else c.clia_aux_weight)
         logs["total"] = float(total.detach())
         return total, logs
 
