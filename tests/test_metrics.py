@@ -170,12 +170,13 @@ def test_top1_failures_name_the_kind_of_miss(synth_small):
     def kind_of(e, inst) -> str:  # what the classifier should say for an instance as top-1
         if inst.id in (e.answers or ()):
             return "hit"
-        if fits(inst, e.logic["target"]):
-            return "wrong context"
         anchor = (e.logic.get("relation") or {}).get("anchor")
+        if fits(inst, e.logic["target"]):
+            others = [i for i in by_image[inst.image_id] if i.id != inst.id]
+            return "no anchor" if anchor and not any(fits(i, anchor) for i in others) else "wrong context"
         return "the anchor" if anchor and fits(inst, anchor) else "wrong attributes"
 
-    wanted = {"hit": None, "the anchor": None, "wrong attributes": None, "wrong context": None}
+    wanted = dict.fromkeys(["hit", "the anchor", "wrong attributes", "no anchor", "wrong context"])
     for e in exprs:
         for image in sorted(test_images):
             for inst in by_image[image]:
@@ -184,7 +185,7 @@ def test_top1_failures_name_the_kind_of_miss(synth_small):
                     wanted[k] = (e, inst)
     assert all(v is not None for v in wanted.values()), wanted
     preds = {e.id: hits([(inst.image_id, inst.box, 0.9)]) for e, inst in wanted.values()}
-    # a fourth query: its top-1 box is a 1-pixel corner of a test image, background
+    # one more query: its top-1 box is a 1-pixel corner of a test image, background
     e4 = next(e for e in exprs if e.id not in preds)
     preds[e4.id] = hits([(min(test_images), (0.0, 0.0, 1.0, 1.0), 0.9)])
 
@@ -194,7 +195,7 @@ def test_top1_failures_name_the_kind_of_miss(synth_small):
     assert f["all"]["n"] == n
     assert f["all"]["misses"] == n - 1  # only the one hit; queries without hits are misses too
     assert round(rep.metrics["mBR@1(0.5)"] * n / 100) == 1
-    for kind in ("no instance", "the anchor", "wrong attributes", "wrong context"):
+    for kind in ("no instance", "the anchor", "wrong attributes", "no anchor", "wrong context"):
         assert f["all"][kind] == pytest.approx(100.0 / (n - 1)), kind
     assert "Top-1 misses" in rep.table() and "wrong context" in rep.table()
     assert Report.from_dict(__import__("json").loads(rep.to_json())).failures == f

@@ -10,11 +10,16 @@ is not a multi-positive hit at IoU 0.5, the top-1 box is put in one of three cla
   triangle): the embedding matched the wrong noun phrase;
 - `wrong attributes`: any other instance whose own shape/colour/size/fill differ from the
   target's description (the embedding does not say what the object is);
+- `no anchor`: (relation expressions) the instance has the target's attributes, but no
+  other instance of its image fits the anchor's description: the relation part of the score
+  did not count against it;
 - `wrong context`: the instance has the target's attributes but not its location, relation
-  or rank (the embedding says what the object is, not where or next to what).
+  or rank (the embedding says what the object is, not where or next to what; for relations:
+  an anchor is in the image, on the wrong side or with a location that fails).
 
-The split between the last two tells whether relation expressions fail for lack of context
-in the instance embedding or for lack of appearance.
+The split between `wrong attributes` and the last two tells whether relation expressions
+fail for lack of appearance or of context in the instance embedding; `no anchor` against
+`wrong context` whether the context is missing or only imprecise.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from ..data.dataset import Dataset, Expression
 from .boxes import MATCH_IOU, pairwise_iou
 from .ranking import Hits
 
-KINDS = ("no instance", "the anchor", "wrong attributes", "wrong context")
+KINDS = ("no instance", "the anchor", "wrong attributes", "no anchor", "wrong context")
 
 
 def diagnosable(dataset: Dataset, exprs: list[Expression]) -> bool:
@@ -77,11 +82,14 @@ def _classify(hits: Hits | None, e: Expression, dataset: Dataset, by_image: Mapp
     iou = pairwise_iou(box, np.asarray([i.box for i in insts], dtype=np.float64))[0]
     if iou.max() < MATCH_IOU:
         return "no instance"
-    attrs = insts[int(iou.argmax())].attributes or {}
+    top = insts[int(iou.argmax())]
+    attrs = top.attributes or {}
     logic = e.logic or {}
-    if _fits(attrs, logic.get("target", {})):
-        return "wrong context"
     anchor = (logic.get("relation") or {}).get("anchor")
+    if _fits(attrs, logic.get("target", {})):
+        if anchor is not None and not any(i.id != top.id and _fits(i.attributes or {}, anchor) for i in insts):
+            return "no anchor"
+        return "wrong context"
     return "the anchor" if anchor and _fits(attrs, anchor) else "wrong attributes"
 
 

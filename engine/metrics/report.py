@@ -99,7 +99,7 @@ class Report:
             lines += ["", "Top-1 misses (multi-positive, IoU 0.5) by kind, in % of the misses:", ""]
             lines += ["| type | n | misses | " + " | ".join(KINDS) + " |", "|---" * (3 + len(KINDS)) + "|"]
             for name, f in self.failures.items():
-                cells = [f"{f[k]:.1f}" for k in KINDS]
+                cells = [f"{f[k]:.1f}" if k in f else "–" for k in KINDS]  # older reports lack newer kinds
                 lines.append(f"| {name} | {int(f['n'])} | {int(f['misses'])} | " + " | ".join(cells) + " |")
         if self.probe:
             cells = [f"{k} {p['accuracy']:.1f} (chance {p['chance']:.1f})" for k, p in self.probe.items()]
