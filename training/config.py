@@ -268,5 +268,8 @@ TRAINING_ONLY = ("model.text.trainable_layers", "model.dropout")
 
 
 def architecture_diffs(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
-    """`diff_configs` of two model configs, without the TRAINING_ONLY fields."""
+    """`diff_configs` of two model configs, without the TRAINING_ONLY fields. Both are read as
+    ModelConfig first, so a field one of them predates compares as its default: the value
+    that side's model was built with."""
+    a, b = (dataclasses.asdict(from_dict(ModelConfig, x, "model")) for x in (a, b))
     return [d for d in diff_configs(a, b, "model.") if d.partition(":")[0] not in TRAINING_ONLY]
