@@ -223,3 +223,15 @@ def test_engine_eval_matches_pytorch_eval(tiny_run, tiny_bundle, tmp_path):
     assert ma.keys() == mb.keys()
     for key in ma:
         assert abs(ma[key] - mb[key]) <= 0.5, (key, ma[key], mb[key])
+
+
+def test_unpad_scales_to_original_pixels_and_clips_to_the_image():
+    """A box reaching past the border (a predicted centre and size can) comes back inside the
+    picture; padding rows are dropped; the others scale from input to original pixels."""
+    from reir.engine.protocol import unpad
+
+    boxes = np.array([[[10.0, 20.0, 70.0, 60.0], [-5.0, 100.0, 140.0, 133.0], [0.0, 0.0, 1.0, 1.0]]], np.float32)
+    scores, emb, num = np.array([[0.9, 0.8, 0.0]]), np.ones((1, 3, 4), np.float32), np.array([2])
+    (d,) = unpad((boxes, scores, emb, num), [(256, 64)], (128, 128))  # original 256 wide, 64 high
+    np.testing.assert_allclose(d.boxes, [[20.0, 10.0, 140.0, 30.0], [0.0, 50.0, 256.0, 64.0]])
+    assert d.scores.tolist() == [0.9, 0.8] and d.embeddings.shape == (2, 4)
