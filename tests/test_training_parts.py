@@ -115,16 +115,16 @@ def test_checkpoint_roundtrip_and_errors(tmp_path):
     other = Config(**{**cfg.__dict__})
     other.model = type(cfg.model)(**{**cfg.model.__dict__, "d_model": 32})
     with pytest.raises(CheckpointError, match=r"model.d_model: 64 vs 32"):
-        check_compatible(path, loaded_cfg, other)
+        check_compatible(path, state, other)
     # which layers train is not part of the weights: a stage-2 variant may change it
     thawed = Config(**{**cfg.__dict__})
     text = type(cfg.model.text)(**{**cfg.model.text.__dict__, "trainable_layers": 3})
     thawed.model = type(cfg.model)(**{**cfg.model.__dict__, "text": text})
-    check_compatible(path, loaded_cfg, thawed)
+    check_compatible(path, state, thawed)
     # a checkpoint from before a model field existed was built with that field's default
     del state["config"]["model"]["context_width"]
     torch.save(state, path)
-    check_compatible(path, load_checkpoint(path)[0], cfg)
+    check_compatible(path, load_checkpoint(path)[1], cfg)
     truncated = tmp_path / "bad.pt"
     truncated.write_bytes(path.read_bytes()[:1000])
     with pytest.raises(CheckpointError, match=r"bad\.pt: cannot read checkpoint"):

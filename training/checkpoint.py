@@ -67,11 +67,9 @@ def load_checkpoint(path: Path) -> tuple[Config, dict[str, Any]]:
     return cfg, state
 
 
-def check_compatible(path: Path, saved: Config, cfg: Config) -> None:
-    """Refuse to resume or load into a model built from a different model config. `saved` is
-    the checkpoint's config as loaded, so a field added since then compares as its default:
-    the value the checkpoint's model was built with."""
-    diffs = architecture_diffs(saved.to_dict()["model"], cfg.to_dict()["model"])
+def check_compatible(path: Path, saved: dict[str, Any], cfg: Config) -> None:
+    """Refuse to resume or load into a model built from a different model config."""
+    diffs = architecture_diffs(saved["config"]["model"], cfg.to_dict()["model"])
     if diffs:
         raise CheckpointError(f"{path}: made with a different model config: " + "; ".join(diffs))
 

@@ -168,11 +168,11 @@ class TrainSet(torch.utils.data.Dataset):
         pool = [t for t in texts if t.logic]
         pool = [pool[i] for i in rng.permutation(len(pool))]
         pool.sort(key=lambda t: not any(t.logic.get(k) for k in ("location", "relation", "superlative")))
-        out = []
+        out, phr = [], Phraser(rng)
         for t in pool[: self.contrasts]:
             logic = counterfactual(t.logic, objects, w, h, t.target, rng)
             if logic is not None:
-                out.append(Text(Phraser(rng).render(logic), -1, logic))
+                out.append(Text(phr.render(logic), -1, logic))
         return out
 
     def _compose(

@@ -36,13 +36,10 @@ def synonym_probe(encode: Callable[[list[str]], torch.Tensor]) -> list[SynonymHi
     hits = []
     for kind in KINDS:
         train = [(v, w) for v, (words, _) in WORDS[kind].items() if v is not None for w in words]
-        bank = encode([w for _, w in train])
-        for value, (_, novel_words) in WORDS[kind].items():
-            if value is None:
-                continue
-            for w in novel_words:
-                j = int((encode([w]) @ bank.T).argmax())
-                hits.append(SynonymHit(kind, w, train[j][1], train[j][0] == value))
+        novel = [(v, w) for v, (_, words) in WORDS[kind].items() if v is not None for w in words]
+        nearest = (encode([w for _, w in novel]) @ encode([w for _, w in train]).T).argmax(1)
+        for (value, w), j in zip(novel, nearest.tolist(), strict=True):
+            hits.append(SynonymHit(kind, w, train[j][1], train[j][0] == value))
     return hits
 
 

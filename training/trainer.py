@@ -197,8 +197,8 @@ class Trainer:
         last = self.run_dir / "last.pt"
         source = last if resume and last.is_file() else start_from
         if source is not None:
-            saved, state = load_checkpoint(source)
-            check_compatible(source, saved, cfg)
+            _, state = load_checkpoint(source)
+            check_compatible(source, state, cfg)
             if source == start_from and state["step"] != 0:
                 raise CheckpointError(f"{source}: saved in the middle of a stage; --start-from needs a stage's end")
             self.model.load_state_dict(state["model"])
