@@ -9,7 +9,7 @@ torch = pytest.importorskip("torch", reason="torch not installed (training extra
 from reir.engine.data import load_dataset  # noqa: E402
 from reir.engine.synth.logic import satisfying  # noqa: E402
 from reir.training.clia import clia_labels, positive_matrix  # noqa: E402
-from reir.training.data import TrainSet, collate, positives, twin_keys  # noqa: E402
+from reir.training.data import TrainSet, collate, lookalike_keys, positives, twin_keys  # noqa: E402
 
 
 def test_flipped_samples_stay_true(synth_small):
@@ -67,6 +67,40 @@ def test_flip_twins_mirror_the_scene_and_reverse_its_relations(synth_small):
                 assert t.target not in satisfying(t.logic, b.objects, *b.orig_size), t.text
                 reversed_relations += 1
     assert reversed_relations >= 5
+
+
+def test_lookalike_groups_share_an_instance_and_describe_it_first(synth_small):
+    """A look-alike group is a drawn image and `group` others that hold an instance of the
+    same detection name; every member's first composed text is about that instance (unless
+    its dataset expression already is), and every text stays true of exactly its target."""
+    import numpy as np
+
+    ds = load_dataset(synth_small)
+    ts = TrainSet(ds, "train", 128, hflip=0.5, composed=2)  # shape names: 120 images hold each many times
+    keys = lookalike_keys(ts, list(range(12)), 3, np.random.default_rng(0))
+    assert [k[0] for k in keys[::4]] == list(range(12))  # every drawn image leads its group
+    others, described = 0, 0
+    for g in range(12):
+        group = keys[4 * g : 4 * g + 4]
+        name = group[0][2]
+        assert {k[2] for k in group} == {name}
+        for idx, twin, _ in group:
+            assert twin == 0
+            insts = ts.instances[ts.image_ids[idx]]
+            holders = [n for n, i in enumerate(insts) if ts.name_of(i) == name]
+            assert holders, f"image {idx} holds no {name!r}"
+            s = ts[(idx, 0, name)]
+            plain = ts[idx]
+            assert s.texts[0].text == plain.texts[0].text  # the dataset expression: the same draw
+            assert len(s.texts) == len(plain.texts)
+            targets = [t.target for t in s.texts]
+            # the dataset expression comes first; the composed ones start with the focus
+            described += targets[0] in holders or targets[1] in holders
+            for t in s.texts:
+                assert satisfying(t.logic, s.objects, *s.orig_size) == [t.target], t.text
+        others += len({k[0] for k in group}) - 1
+    assert described == 48  # every member of every group describes its look-alike
+    assert others >= 30  # partners are other images (a name held by one image only repeats it)
 
 
 def test_positives_and_clia_labels(synth_small):

@@ -44,6 +44,11 @@ def test_set_overrides_reach_into_stage_lists():
         load_config(CONFIGS / "synth.yaml", {"train.stages.5.steps": 1})
     with pytest.raises(ConfigError, match=r"unknown key\(s\) train.stages\[1\].flip_twin"):
         load_config(CONFIGS / "synth.yaml", {"train.stages.1.flip_twin": True})
+    both = {"train.stages.1.flip_twins": True, "train.stages.1.lookalikes": 3}
+    with pytest.raises(ConfigError, match=r"stage 'clia': flip_twins and lookalikes both shape the batch"):
+        load_config(CONFIGS / "synth.yaml", both)
+    with pytest.raises(ConfigError, match=r"stage 'clia': lookalikes must be >= 0, got -1"):
+        load_config(CONFIGS / "synth.yaml", {"train.stages.1.lookalikes": -1})
 
 
 def test_nms_follows_onnx_semantics():
@@ -197,3 +202,24 @@ def test_listwise_clia_term_rewards_positives_outranking_every_candidate():
     objects, texts = torch.randn(2, 3, 4), torch.randn(5, 4)
     y = (torch.rand(2, 3, 5) > 0.7).float()
     assert float(loss(objects, texts, y, listwise=2.0)) > float(loss(objects, texts, y))
+
+
+def test_context_heads_take_their_own_learning_rate():
+    """`context_lr_mult` scales the instance-context heads' lr and nothing else; a model
+    without the heads keeps the three groups that older optimizer states were saved with."""
+    from reir.training.criterion import SetCriterion
+    from reir.training.model import build_model
+    from reir.training.trainer import param_groups
+
+    cfg = load_config(CONFIGS / "synth_tiny.yaml", {"model.context_slots": 2, "train.stages.0.context_lr_mult": 10.0})
+    stage = cfg.train.stages[0]
+    model = build_model(cfg.model)
+    groups = param_groups(model, SetCriterion(cfg.loss, cfg.model.dec_layers), stage)
+    assert [g["lr"] for g in groups] == pytest.approx(
+        [stage.lr, stage.lr * stage.backbone_lr_mult, stage.text_lr, 10 * stage.lr]
+    )
+    context = {id(p) for p in model.context.parameters()}
+    assert {id(p) for p in groups[3]["params"]} == context
+    assert not context & {id(p) for g in groups[:3] for p in g["params"]}
+    plain = load_config(CONFIGS / "synth_tiny.yaml", {"model.context_slots": 0})
+    assert len(param_groups(build_model(plain.model), SetCriterion(plain.loss, 1), plain.train.stages[0])) == 3

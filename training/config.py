@@ -95,6 +95,7 @@ class StageConfig:
     lr: float = 2e-4
     text_lr: float = 2e-5
     backbone_lr_mult: float = 0.1
+    context_lr_mult: float = 1.0  # the instance-context heads (model.context_slots), relative to lr
     warmup: int = 50
     detection: bool = True
     rec: bool = True
@@ -102,6 +103,13 @@ class StageConfig:
     train_text: bool = True  # False: the whole text encoder is frozen (and memoised) for this stage
     flip_twins: bool = False  # synthetic scenes: each batch holds every scene and a mirrored twin (data.py)
     contrasts: int = 0  # synthetic scenes, CLIA stages: counterfactual texts per image as hard negatives
+    lookalikes: int = 0  # per drawn image, this many more that hold an instance of the same name (data.py)
+
+    def __post_init__(self) -> None:
+        if self.lookalikes < 0:
+            raise ConfigError(f"stage {self.name!r}: lookalikes must be >= 0, got {self.lookalikes}")
+        if self.lookalikes and self.flip_twins:
+            raise ConfigError(f"stage {self.name!r}: flip_twins and lookalikes both shape the batch; choose one")
 
 
 @dataclass

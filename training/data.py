@@ -16,10 +16,19 @@ twin has every object of the original with the same attributes but reversed rela
 and locations, so "the circle left of the red star" finds, in its twin, the same circle
 now right of it: an exact negative that differs from a positive only by the relation.
 Random batches almost never hold such pairs, and CLIA otherwise learns attributes only.
+
+Look-alike groups (a stage's `lookalikes`): each drawn image comes with `lookalikes` more
+that hold an instance of the same detection name as one of its own ("small solid red
+square", or the category on real data) in another context, and each describes that
+instance first. A 1,000-image gallery holds about 16 look-alikes per instance, and a
+relation query must outrank them all by what lies around its target; in a random batch of
+32 only 40% of the instances meet even one. Exact answer sets label the look-alikes that
+also satisfy a text as positives; the others are the hard negatives.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,7 +40,12 @@ from reir.engine.image import load_rgb
 from reir.engine.synth.compose import Composer, choose_construct
 from reir.engine.synth.contrast import counterfactual
 from reir.engine.synth.grammar import Phraser
-from reir.engine.synth.logic import mirror_logic, mirror_object, mirror_object_vertically, satisfying
+from reir.engine.synth.logic import (
+    mirror_logic,
+    mirror_object,
+    mirror_object_vertically,
+    satisfying,
+)
 from reir.engine.synth.scene import SceneObject
 from reir.engine.text import swap_left_right
 
@@ -94,6 +108,10 @@ class TrainSet(torch.utils.data.Dataset):
         self.exprs = by_image
         insts = ds.instances_by_image()
         self.instances = {i: sorted(insts[i], key=lambda x: x.id) for i in self.image_ids}
+        self.by_name: dict[str, list[int]] = {}  # detection name -> image indices holding one
+        for n, i in enumerate(self.image_ids):
+            for name in sorted({self.name_of(x) for x in self.instances[i]}):
+                self.by_name.setdefault(name, []).append(n)
         self.epoch = 0
         self.contrasts = 0  # counterfactual texts per image (set per stage: only CLIA uses them)
 
@@ -111,9 +129,10 @@ class TrainSet(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.image_ids)
 
-    def __getitem__(self, key: int | tuple[int, int]) -> Sample | None:
-        """key: an image index, or (index, twin) with twin 1/2/3 = mirrored in x / y / both."""
-        idx, twin = key if isinstance(key, tuple) else (key, 0)
+    def __getitem__(self, key: int | tuple) -> Sample | None:
+        """key: an image index, or (index, twin) with twin 1/2/3 = mirrored in x / y / both,
+        or (index, 0, name): compose an expression for its instance of that name first."""
+        idx, twin, focus = (*key, None)[:3] if isinstance(key, tuple) else (key, 0, None)
         rng = np.random.default_rng([self.seed, self.epoch, idx])
         image_id = self.image_ids[idx]
         meta = self.ds.images[image_id]
@@ -139,7 +158,8 @@ class TrainSet(torch.utils.data.Dataset):
             arr, boxes, objects = _mirror(arr, boxes, objects, meta.width, meta.height, x=x, y=y)
             texts = self._compose(objects, meta.width, meta.height, rng, exclude=None, count=1 + self.composed)
         elif objects and self.composed:
-            texts += self._compose(objects, meta.width, meta.height, rng, exclude=texts[0].target)
+            focus_on = [n for n, i in enumerate(insts) if focus is not None and self.name_of(i) == focus]
+            texts += self._compose(objects, meta.width, meta.height, rng, exclude=texts[0].target, first=focus_on)
         contrasts = self._contrasts(texts, objects, meta.width, meta.height, rng) if objects else []
         cxcywh = np.stack(
             [
@@ -183,12 +203,15 @@ class TrainSet(torch.utils.data.Dataset):
         rng: np.random.Generator,
         exclude: int | None,
         count: int | None = None,
+        first: Sequence[int] = (),
     ) -> list[Text]:
-        """Expressions for other objects of the (already flipped) scene: their logic is in its frame."""
+        """Expressions for other objects of the (already flipped) scene: their logic is in its
+        frame. Objects in `first` (look-alike groups) are described before the others."""
         comp, phr = Composer(objects, w, h, rng), Phraser(rng)
-        others = [i for i in range(len(objects)) if i != exclude]
+        others = [int(i) for i in rng.permutation([i for i in range(len(objects)) if i != exclude])]
+        others.sort(key=lambda i: i not in first)  # stable: the same draw as without `first`
         out = []
-        for t in rng.permutation(others)[: self.composed if count is None else count]:
+        for t in others[: self.composed if count is None else count]:
             logic = comp.describe(int(t), choose_construct(rng))
             if logic is not None:
                 out.append(Text(phr.render(logic), int(t), logic))
@@ -203,6 +226,29 @@ def twin_keys(indices: list[int], batch_size: int, rng: np.random.Generator) -> 
     for start in range(0, len(indices) - half + 1, half):
         chunk = indices[start : start + half]
         keys += [(i, 0) for i in chunk] + [(i, int(rng.integers(1, 4))) for i in chunk]
+    return keys
+
+
+def lookalike_keys(
+    train: TrainSet, indices: list[int], group: int, rng: np.random.Generator
+) -> list[tuple[int, int, str]]:
+    """Dataset keys: each index, with the detection name of one of its instances drawn, then
+    `group` other images that hold an instance of that name. Every image of the group
+    describes its instance of that name first, so each of those texts meets `group`
+    look-alikes in the batch."""
+    keys: list[tuple[int, int, str]] = []
+    for i in indices:
+        names = sorted({train.name_of(x) for x in train.instances[train.image_ids[i]]})
+        name = names[int(rng.integers(len(names)))]
+        pool = train.by_name[name]
+        keys.append((i, 0, name))
+        for _ in range(group):
+            j = i
+            for _ in range(8):  # another image, unless the name is (nearly) unique to this one
+                j = int(pool[int(rng.integers(len(pool)))])
+                if j != i:
+                    break
+            keys.append((j, 0, name))
     return keys
 
 

@@ -20,7 +20,7 @@ from reir.engine.data import load_dataset
 from .checkpoint import CheckpointError, check_compatible, load_checkpoint, save_checkpoint
 from .config import Config, ConfigError, StageConfig
 from .criterion import SetCriterion, Targets
-from .data import TrainSet, collate, positives, twin_keys
+from .data import TrainSet, collate, lookalike_keys, positives, twin_keys
 from .model import CLARE, build_model
 from .text import encode_by_length, load_tokenizer, tokenize
 
@@ -51,22 +51,27 @@ def setup_distributed(device: torch.device) -> tuple[int, int]:
 
 
 def param_groups(model: CLARE, criterion: SetCriterion, stage: StageConfig) -> list[dict]:
-    backbone, text, rest = [], [], []
+    backbone, text, context, rest = [], [], [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         if name.startswith("backbone."):
             backbone.append(p)
+        elif name.startswith("context."):
+            context.append(p)
         elif name.startswith("text."):
             text.append(p)
         else:
             rest.append(p)
     rest += list(criterion.parameters())
-    return [
+    groups = [
         {"params": rest, "lr": stage.lr},
         {"params": backbone, "lr": stage.lr * stage.backbone_lr_mult},
         {"params": text, "lr": stage.text_lr},
     ]
+    if context:  # its own group only where the model has the heads
+        groups.append({"params": context, "lr": stage.lr * stage.context_lr_mult})
+    return groups
 
 
 def lr_factor(step: int, stage: StageConfig) -> float:
@@ -112,7 +117,7 @@ class Trainer:
         self.sentence_cache: dict[str, torch.Tensor] = {}
 
     # -- data -----------------------------------------------------------------------
-    def batches(self, epoch0: int, twins: bool = False):
+    def batches(self, epoch0: int, twins: bool = False, lookalikes: int = 0):
         epoch = epoch0
         bs = self.cfg.train.batch_size
         while True:
@@ -121,6 +126,9 @@ class Trainer:
             order = torch.randperm(len(self.train_set), generator=g)[self.rank :: self.world].tolist()
             if twins:
                 order = twin_keys(order, bs, np.random.default_rng([self.cfg.seed, epoch, self.rank]))
+            if lookalikes:
+                rng = np.random.default_rng([self.cfg.seed, epoch, self.rank, 1])
+                order = lookalike_keys(self.train_set, order, lookalikes, rng)
             loader = torch.utils.data.DataLoader(
                 torch.utils.data.Subset(self.train_set, order),
                 batch_size=bs,
@@ -217,11 +225,14 @@ class Trainer:
             base = [g["lr"] for g in opt.param_groups]
             step = start_step if si == start_stage else 0
             if resume and si == start_stage and step and "optimizer" in state:
-                opt.load_state_dict(state["optimizer"])
+                try:
+                    opt.load_state_dict(state["optimizer"])
+                except ValueError as e:  # e.g. saved before the context heads had their own group
+                    raise CheckpointError(f"{source}: optimizer state does not fit this version ({e})") from None
             self.model.train()
             bar = tqdm(total=stage.steps, initial=step, desc=f"{stage.name}", disable=not self.progress or self.rank)
             t0, seen = time.perf_counter(), 0
-            data = self.batches(epoch, stage.flip_twins)
+            data = self.batches(epoch, stage.flip_twins, stage.lookalikes)
             while step < stage.steps:
                 epoch, batch = next(data)
                 self.skipped += batch.skipped
