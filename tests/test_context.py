@@ -98,3 +98,28 @@ def test_model_with_context_keeps_the_visual_branch_text_free_and_per_image():
     with torch.no_grad():
         both, one = model.encode_image(x), model.encode_image(x[1:])
     torch.testing.assert_close(one["embeddings"][-1][0], both["embeddings"][-1][1], atol=1e-5, rtol=1e-5)
+
+
+def test_context_probe_measures_each_added_term():
+    """A new model's context and own-box terms start at zero (zero-initialised projections),
+    so the probe must read 0 for both; once the context projection is not zero it must read
+    more than 0, and a model without the heads is refused by name."""
+    from reir.training.config import load_config
+    from reir.training.context_probe import context_spread
+    from reir.training.model import build_model
+
+    tiny = Path(__file__).resolve().parents[1] / "configs" / "synth_tiny.yaml"
+    cfg = load_config(tiny, {"model.context_slots": 2})
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    images = torch.rand(2, 3, cfg.model.image_size, cfg.model.image_size)
+    fresh = context_spread(model, images, min_objectness=0.0)
+    assert fresh["state"] > 0 and fresh["context"] == 0.0 and fresh["own box"] == 0.0
+    assert 0 < fresh["mean gate"] < 1
+    torch.nn.init.normal_(model.context[-1].out.weight, std=0.3)
+    assert context_spread(model, images, min_objectness=0.0)["context"] > 0
+    with pytest.raises(ValueError, match=r"no query scored above objectness 0\.99"):
+        context_spread(model, images, min_objectness=0.99)
+    plain = build_model(load_config(tiny, {"model.context_slots": 0}).model)
+    with pytest.raises(ValueError, match="no instance-context heads"):
+        context_spread(plain, images)

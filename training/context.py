@@ -38,6 +38,12 @@ class InstanceContext(nn.Module):
         """hidden [B, Q, d], boxes [B, Q, 4] normalised cxcywh, objectness logits [B, Q]
         -> contextualised embeddings [B, Q, d]. Boxes and objectness only weigh: no gradient
         flows into them from here, so retrieval losses cannot bend localisation."""
+        context, own_box = self.terms(hidden, boxes, objectness)
+        return hidden + context + own_box
+
+    def terms(self, hidden: Tensor, boxes: Tensor, objectness: Tensor) -> tuple[Tensor, Tensor]:
+        """The two added terms, [B, Q, d] each: what lies around (the slots' sums, projected)
+        and the instance's own box (`context_probe` weighs them against the decoder state)."""
         b, q, _ = hidden.shape
         boxes, objectness = boxes.detach(), objectness.detach()
         gates = torch.sigmoid(self.gate(pairwise_geometry(boxes * 4.0)))  # [B, Q(i), Q(j), S]
@@ -45,4 +51,4 @@ class InstanceContext(nn.Module):
         weights = gates * (others[None, :, :, None] * torch.sigmoid(objectness)[:, None, :, None])
         values = self.value(hidden).view(b, q, self.slots, self.width)
         context = torch.einsum("bijs,bjsk->bisk", weights, values).reshape(b, q, -1)
-        return hidden + self.out(context) + self.position(box_sine(boxes, self.d))
+        return self.out(context), self.position(box_sine(boxes, self.d))
