@@ -12,6 +12,10 @@ objectness (background and duplicate queries count for little). Each slot sums i
 neighbours' projected states; the sums, and the instance's own box, are projected back and
 added to the instance embedding. The output projections start at zero, so a new model
 starts from the plain decoder state. Text-free and per image: galleries still index offline.
+
+Measured on the CPU recipe, the own-box term carries the head's whole gain, and training
+closes the neighbour gates: zeroing the neighbour term of the trained v8 model changes
+nothing (`context_probe.py`, benchmarks/results/synth.md "Session 9").
 """
 
 from __future__ import annotations
