@@ -40,12 +40,7 @@ from reir.engine.image import load_rgb
 from reir.engine.synth.compose import Composer, choose_construct
 from reir.engine.synth.contrast import counterfactual
 from reir.engine.synth.grammar import Phraser
-from reir.engine.synth.logic import (
-    mirror_logic,
-    mirror_object,
-    mirror_object_vertically,
-    satisfying,
-)
+from reir.engine.synth.logic import mirror_logic, mirror_object, mirror_object_vertically, satisfying
 from reir.engine.synth.scene import SceneObject
 from reir.engine.text import swap_left_right
 
