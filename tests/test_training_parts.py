@@ -214,7 +214,7 @@ def test_context_heads_take_their_own_learning_rate():
     cfg = load_config(CONFIGS / "synth_tiny.yaml", {"model.context_slots": 2, "train.stages.0.context_lr_mult": 10.0})
     stage = cfg.train.stages[0]
     model = build_model(cfg.model)
-    groups = param_groups(model, SetCriterion(cfg.loss, cfg.model.dec_layers), stage)
+    groups = param_groups(model, SetCriterion(cfg.loss, cfg.model.dec_layers, cfg.model.d_model), stage)
     assert [g["lr"] for g in groups] == pytest.approx(
         [stage.lr, stage.lr * stage.backbone_lr_mult, stage.text_lr, 10 * stage.lr]
     )
@@ -222,4 +222,5 @@ def test_context_heads_take_their_own_learning_rate():
     assert {id(p) for p in groups[3]["params"]} == context
     assert not context & {id(p) for g in groups[:3] for p in g["params"]}
     plain = load_config(CONFIGS / "synth_tiny.yaml", {"model.context_slots": 0})
-    assert len(param_groups(build_model(plain.model), SetCriterion(plain.loss, 1), plain.train.stages[0])) == 3
+    criterion = SetCriterion(plain.loss, 1, plain.model.d_model)
+    assert len(param_groups(build_model(plain.model), criterion, plain.train.stages[0])) == 3

@@ -81,6 +81,7 @@ class LossConfig:
     clia_init_scale: float = 10.0  # exp(t) at init (t = log 10)
     clia_init_bias: float = 0.0  # the official code's b init; SigLIP uses -10 (see training/README.md)
     clia_listwise: float = 0.0  # > 0: plus a multi-positive softmax of each text over the batch's queries
+    neighbour_weight: float = 0.0  # > 0 (synthetic data, context heads): neighbour naming (neighbours.py)
     multi_positive: bool = True  # other images' candidates that satisfy the expression are positives
     select_iou: float = 0.6  # selection/CLIA positives: matched query + queries with IoU >= this (> 1: match only)
     match_class: float = 2.0
@@ -156,6 +157,10 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        if self.loss.neighbour_weight > 0 and not self.model.context_slots:
+            raise ConfigError("loss.neighbour_weight > 0 reads the context heads' neighbour term: set context_slots")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -8,6 +8,7 @@ proposals (deep supervision). Weights follow clare.md §6 (LossConfig).
 | class | focal on <o, T(category name)> (detection with names from the text branch) | detection |
 | select | per-image focal instance selection on <o, T(expression)> (REC) | rec |
 | clia | sigmoid pairwise loss against the global batch of texts | clia |
+| neighbours | neighbour naming of the context term and of relation texts (neighbours.py) | both, if weighted |
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from .box_ops import box_iou, cxcywh_to_xyxy, generalized_box_iou
 from .clia import CLIALoss, clia_labels, comm_device, gather_with_grad, positive_matrix
 from .config import LossConfig, StageConfig
 from .matcher import hungarian_match
+from .neighbours import NeighbourReadout
 
 
 def sigmoid_focal(logits: Tensor, targets: Tensor, alpha: float, gamma: float) -> Tensor:
@@ -44,13 +46,17 @@ class Targets:
     text_image: list[int]  # per local text: its image
     text_target: list[int]  # per local text: the object it refers to
     positives: list[list[list[int]]]  # [image][global text] -> objects that text is true of
+    facts: list[Tensor] | None = None  # per image [n, F]: neighbour facts of each object (neighbours.py)
+    text_facts: tuple[Tensor, Tensor] | None = None  # (local relation texts, the facts they ask [T, F])
 
 
 class SetCriterion(nn.Module):
-    def __init__(self, cfg: LossConfig, num_layers: int):
+    def __init__(self, cfg: LossConfig, num_layers: int, d_model: int):
         super().__init__()
         self.cfg = cfg
         self.clia = nn.ModuleList(CLIALoss(cfg.clia_init_scale, cfg.clia_init_bias) for _ in range(num_layers))
+        if cfg.neighbour_weight > 0:  # only then: older checkpoints hold no readout
+            self.neighbours = nn.ModuleList(NeighbourReadout(d_model) for _ in range(num_layers))
 
     def _match(self, logits: Tensor, boxes: Tensor, t: Targets) -> list[tuple[Tensor, Tensor]]:
         c = self.cfg
@@ -146,6 +152,12 @@ class SetCriterion(nn.Module):
                 labels = clia_labels(owner, pos)
                 clia = self.clia[layer](emb, texts, labels, c.clia_listwise)
                 add("clia", clia, c.clia_weight if last else c.clia_aux_weight)
+            if c.neighbour_weight > 0 and targets.facts is not None and "neighbours" in outputs:
+                near = torch.cat([outputs["neighbours"][layer][b, qi] for b, (qi, _) in enumerate(match)])
+                facts = torch.cat([targets.facts[b][ti] for b, (_, ti) in enumerate(match)]).to(near.dtype)
+                index, asked = targets.text_facts
+                texts = queries[layer][index]
+                add("neighbours", self.neighbours[layer](near, facts, texts, asked.to(texts.dtype)), c.neighbour_weight)
         logs["total"] = float(total.detach())
         return total, logs
 

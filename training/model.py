@@ -65,11 +65,15 @@ class CLARE(nn.Module):
         hidden, boxes = self.decoder(prop["tgt"], prop["ref"], memory, pos, fine)
         objectness = [head(h).squeeze(-1) for head, h in zip(self.objectness, hidden, strict=True)]
         embeddings = hidden  # the paper's instance embedding is the raw decoder state
+        extra = {}
         if self.context is not None:  # ... ours adds what lies around it (training/context.py)
             layers = zip(self.context, hidden, boxes, objectness, strict=True)
-            embeddings = [context(h, b, o) for context, h, b, o in layers]
+            terms = [context.terms(h, b, o) for context, h, b, o in layers]
+            embeddings = [h + near + own for h, (near, own) in zip(hidden, terms, strict=True)]
+            extra["neighbours"] = [near for near, _ in terms]  # for the neighbour-naming loss
         return {
             "embeddings": embeddings,  # per layer [B, Q, d]
+            **extra,
             "boxes": boxes,
             "objectness": objectness,
             "enc_boxes": prop["enc_boxes"],

@@ -22,6 +22,7 @@ from .config import Config, ConfigError, StageConfig
 from .criterion import SetCriterion, Targets
 from .data import TrainSet, collate, lookalike_keys, positives, twin_keys
 from .model import CLARE, build_model
+from .neighbours import scene_facts, text_facts
 from .text import encode_by_length, load_tokenizer, tokenize
 
 
@@ -111,7 +112,7 @@ class Trainer:
         self.model = build_model(cfg.model).to(self.device)
         if cfg.train.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.criterion = SetCriterion(cfg.loss, cfg.model.dec_layers).to(self.device)
+        self.criterion = SetCriterion(cfg.loss, cfg.model.dec_layers, cfg.model.d_model).to(self.device)
         self.tokenizer = load_tokenizer(cfg.model.text)
         self.skipped = 0
         self.sentence_cache: dict[str, torch.Tensor] = {}
@@ -160,7 +161,15 @@ class Trainer:
             text_image=[i for i, _ in texts_of],
             text_target=[t.target for _, t in texts_of],
             positives=positives(samples, texts, offset),
+            **(self._neighbour_facts(batch) if self.cfg.loss.neighbour_weight > 0 else {}),
         )
+
+    def _neighbour_facts(self, batch) -> dict:
+        """Labels of the neighbour-naming loss (neighbours.py); none without scene objects."""
+        if any(s.objects is None for s in batch.samples):
+            return {}
+        facts = [torch.from_numpy(scene_facts(s.objects, *s.orig_size)).to(self.device) for s in batch.samples]
+        return {"facts": facts, "text_facts": text_facts([t.logic for _, t in batch.texts()], self.device)}
 
     # -- one step ---------------------------------------------------------------------
     def loss(self, batch, stage: StageConfig) -> tuple[torch.Tensor, dict[str, float]]:
