@@ -31,13 +31,14 @@ def context_spread(model: CLARE, images: torch.Tensor, min_objectness: float = 0
         raise ValueError("this model has no instance-context heads (model.context_slots is 0)")
     head, seen = model.context[-1], {}
 
-    def keep(module, args, output):
-        hidden, boxes, objectness = args
+    def keep(module, args, output):  # the decoder's last layer: what the last context head reads
+        hidden, boxes = output[0][-1], output[1][-1]
+        objectness = model.objectness[-1](hidden).squeeze(-1)
         seen["state"], seen["objectness"] = hidden, objectness
-        seen["context"], seen["own box"] = module.terms(hidden, boxes, objectness)
-        seen["gates"] = torch.sigmoid(module.gate(_geometry(boxes)))
+        seen["context"], seen["own box"] = head.terms(hidden, boxes, objectness)
+        seen["gates"] = torch.sigmoid(head.gate(_geometry(boxes)))
 
-    handle = head.register_forward_hook(keep)
+    handle = model.decoder.register_forward_hook(keep)
     try:
         model.eval().encode_image(images)
     finally:
