@@ -97,3 +97,39 @@ def test_the_context_head_learns_neighbour_facts_through_its_neighbour_term():
     base = float(torch.nn.functional.binary_cross_entropy(rate.expand_as(facts.flatten(0, 1)), facts.flatten(0, 1)))
     print(f"held-out BCE {learned:.3f} vs base rate {base:.3f}")
     assert learned < 0.6 * base
+
+
+def test_fact_auc_ranks_per_fact():
+    from reir.training.neighbour_probe import fact_auc
+
+    y = np.array([[1, 0], [1, 1], [0, 1], [0, 0]] * 3, np.float32)
+    assert fact_auc(y.copy(), y, min_each=2) == 1.0
+    assert fact_auc(1 - y, y, min_each=2) == 0.0
+    assert fact_auc(np.full_like(y, 0.3), y, min_each=2) == 0.5  # ties count half
+    assert np.isnan(fact_auc(y, y, min_each=10))  # no fact has enough of both
+
+
+def test_neighbour_probe_reads_a_checkpoint_and_refuses_one_without_the_readout(tmp_path):
+    from reir.engine.synth import SynthConfig, generate
+    from reir.training.checkpoint import CheckpointError, save_checkpoint
+    from reir.training.criterion import SetCriterion
+    from reir.training.model import build_model
+    from reir.training.neighbour_probe import probe
+
+    generate(tmp_path / "data", SynthConfig(images=12, seed=3, fractions=(0, 0, 1)), progress=False)
+    for weight in (1.0, 0.0):
+        cfg = load_config(TINY_CONFIG, {"model.context_slots": 2, "loss.neighbour_weight": weight})
+        torch.manual_seed(0)
+        model = build_model(cfg.model)
+        criterion = SetCriterion(cfg.loss, cfg.model.dec_layers, cfg.model.d_model)
+        path = tmp_path / f"w{weight}.pt"
+        save_checkpoint(path, cfg, model, {"criterion": criterion.state_dict()})
+        if weight == 0.0:
+            with pytest.raises(CheckpointError, match="trained without neighbour naming"):
+                probe(path, tmp_path / "data", "test", 4)
+            continue
+        with pytest.raises(SystemExit, match="no test object"):  # untrained: no box reaches IoU 0.5
+            probe(path, tmp_path / "data", "test", 4)
+        found = probe(path, tmp_path / "data", "test", 4, min_iou=0.0)  # every object's best query
+        assert found["objects"] > 0 and 0.0 <= found["visual AUC"] <= 1.0
+        assert found["relation texts"] > 0 and 0.0 < found["text p(asked)"] < 1.0

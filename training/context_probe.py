@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from reir.engine.data import load_dataset
+from reir.engine.data import DataError, load_dataset
 from reir.engine.image import load_rgb
 
-from .checkpoint import load_model
+from .checkpoint import CheckpointError, load_model
 from .model import CLARE
 
 
@@ -60,15 +60,23 @@ def _geometry(boxes: torch.Tensor) -> torch.Tensor:
     return pairwise_geometry(boxes.detach() * 4.0)
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def probe_args(doc: str, images: int, argv: list[str] | None) -> argparse.Namespace:
+    """The command line the probes share: CHECKPOINT, --data, --split, --images."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("checkpoint", type=Path)
     ap.add_argument("--data", type=Path, default=Path("runs/data/synth"))
     ap.add_argument("--split", default="test")
-    ap.add_argument("--images", type=int, default=64)
-    args = ap.parse_args(argv)
-    cfg, model = load_model(args.checkpoint)
-    ds = load_dataset(args.data)
+    ap.add_argument("--images", type=int, default=images)
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = probe_args(__doc__, 64, argv)
+    try:
+        cfg, model = load_model(args.checkpoint)
+        ds = load_dataset(args.data)
+    except (CheckpointError, DataError, ValueError) as e:
+        raise SystemExit(f"context_probe: {e}") from None
     ids = ds.gallery_image_ids(args.split)[: args.images]
     size = cfg.model.image_size
     arrays = [a for a in (load_rgb(ds.image_path(i), size) for i in ids) if a is not None]
