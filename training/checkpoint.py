@@ -76,12 +76,18 @@ def check_compatible(path: Path, saved: dict[str, Any], cfg: Config) -> None:
 
 def load_model(path: Path):
     """(config, model in eval mode) from a checkpoint; errors name the file and the problem."""
+    cfg, state = load_checkpoint(path)
+    return cfg, model_from_state(path, cfg, state)
+
+
+def model_from_state(path: Path, cfg: Config, state: dict[str, Any]):
+    """The eval-mode model of an already loaded checkpoint (for callers that also read its
+    other entries, so the file is read once)."""
     from .model import build_model
 
-    cfg, state = load_checkpoint(path)
     model = build_model(cfg.model)
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as e:
         raise CheckpointError(f"{path}: weights do not fit the model its config builds ({str(e)[:300]})") from None
-    return cfg, model.eval()
+    return model.eval()

@@ -22,7 +22,7 @@ from reir.engine.image import load_rgb
 from reir.engine.synth.scene import SceneObject
 
 from .box_ops import box_iou, cxcywh_to_xyxy
-from .checkpoint import CheckpointError, load_checkpoint, load_model
+from .checkpoint import CheckpointError, load_checkpoint, model_from_state
 from .context_probe import probe_args
 from .evaluate import torch_text_encoder
 from .neighbours import asked_facts, scene_facts
@@ -47,13 +47,12 @@ def _bce(p: np.ndarray, y: np.ndarray) -> float:
 
 @torch.no_grad()
 def probe(checkpoint: Path, data: Path, split: str, images: int, min_iou: float = 0.5) -> dict[str, float]:
-    cfg, model = load_model(checkpoint)
-    _, state = load_checkpoint(checkpoint)
-    last = cfg.model.dec_layers - 1
-    key = f"neighbours.{last}.read"
-    if f"{key}.weight" not in state["criterion"]:
+    cfg, state = load_checkpoint(checkpoint)
+    key, criterion = f"neighbours.{cfg.model.dec_layers - 1}.read", state.get("criterion", {})
+    if f"{key}.weight" not in criterion:
         raise CheckpointError(f"{checkpoint}: trained without neighbour naming (loss.neighbour_weight is 0)")
-    w, b = state["criterion"][f"{key}.weight"], state["criterion"][f"{key}.bias"]
+    w, b = criterion[f"{key}.weight"], criterion[f"{key}.bias"]
+    model = model_from_state(checkpoint, cfg, state)
     ds = load_dataset(data)
     by_image, size = ds.instances_by_image(), cfg.model.image_size
     probs, labels = [], []
