@@ -63,6 +63,7 @@ class ModelConfig:
     relation_context: bool = True  # explicit pairwise-geometry attention among queries
     context_slots: int = 0  # > 0: neighbour sums per learned relation added to the embedding (context.py)
     context_width: int = 32  # width of one slot's neighbour sum
+    anchor_dim: int = 0  # > 0: one slot of this width per spatial relation in both vectors (relations.py)
     box_features: bool = True  # box-pooled appearance fed to every decoder layer (training/roi.py)
     image_size: int = 128  # training/eval input side (square)
 
@@ -82,6 +83,7 @@ class LossConfig:
     clia_init_bias: float = 0.0  # the official code's b init; SigLIP uses -10 (see training/README.md)
     clia_listwise: float = 0.0  # > 0: plus a multi-positive softmax of each text over the batch's queries
     neighbour_weight: float = 0.0  # > 0 (synthetic data, context heads): neighbour naming (neighbours.py)
+    relation_weight: float = 0.0  # > 0 (data with logical forms, relation slots): anchor + relation-type terms
     multi_positive: bool = True  # other images' candidates that satisfy the expression are positives
     select_iou: float = 0.6  # selection/CLIA positives: matched query + queries with IoU >= this (> 1: match only)
     match_class: float = 2.0
@@ -105,6 +107,7 @@ class StageConfig:
     flip_twins: bool = False  # synthetic scenes: each batch holds every scene and a mirrored twin (data.py)
     contrasts: int = 0  # synthetic scenes, CLIA stages: counterfactual texts per image as hard negatives
     lookalikes: int = 0  # per drawn image, this many more that hold an instance of the same name (data.py)
+    relations: bool = True  # model.anchor_dim > 0: the relation slots train and score in this stage
 
     def __post_init__(self) -> None:
         if self.lookalikes < 0:
@@ -161,6 +164,8 @@ class Config:
     def __post_init__(self) -> None:
         if self.loss.neighbour_weight > 0 and not self.model.context_slots:
             raise ConfigError("loss.neighbour_weight > 0 reads the context heads' neighbour term: set context_slots")
+        if self.loss.relation_weight > 0 and not self.model.anchor_dim:
+            raise ConfigError("loss.relation_weight > 0 trains the relation slots: set model.anchor_dim")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -9,6 +9,7 @@ proposals (deep supervision). Weights follow clare.md §6 (LossConfig).
 | select | per-image focal instance selection on <o, T(expression)> (REC) | rec |
 | clia | sigmoid pairwise loss against the global batch of texts | clia |
 | neighbours | neighbour naming of the context term and of relation texts (neighbours.py) | both, if weighted |
+| anchor / relation_type | what the relation slots hold, which one a text asks (relation_loss.py) | if weighted |
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from .clia import CLIALoss, clia_labels, comm_device, gather_with_grad, positive
 from .config import LossConfig, StageConfig
 from .matcher import hungarian_match
 from .neighbours import NeighbourReadout
+from .relation_loss import anchor_loss, relation_type_loss
 
 
 def sigmoid_focal(logits: Tensor, targets: Tensor, alpha: float, gamma: float) -> Tensor:
@@ -48,6 +50,8 @@ class Targets:
     positives: list[list[list[int]]]  # [image][global text] -> objects that text is true of
     facts: list[Tensor] | None = None  # per image [n, F]: neighbour facts of each object (neighbours.py)
     text_facts: tuple[Tensor, Tensor] | None = None  # (local relation texts, the facts they ask [T, F])
+    text_anchors: list[list[int]] | None = None  # per local text: the objects of its image that fit its anchor
+    text_relations: list[int] | None = None  # per local text: its relation's slot (relation_loss.py)
 
 
 class SetCriterion(nn.Module):
@@ -101,9 +105,11 @@ class SetCriterion(nn.Module):
         targets: Targets,
         stage: StageConfig,
         category_queries: list[Tensor] | None = None,
+        relation_parts: tuple[Tensor, list[Tensor]] | None = None,
     ) -> tuple[Tensor, dict[str, float]]:
         """outputs: CLARE.encode_image; queries: per layer [T, d] (local texts, several per image;
-        the ones with a target first, then counterfactuals without one)."""
+        the ones with a target first, then counterfactuals without one); relation_parts: the
+        relation logits and per-layer anchor codes of the texts with a target (CLARE.relation_parts)."""
         c = self.cfg
         num_boxes = _global_count(sum(len(b) for b in targets.boxes))
         weights = {"objectness": c.objectness_weight, "l1": c.l1_weight, "giou": c.giou_weight}
@@ -126,6 +132,12 @@ class SetCriterion(nn.Module):
         img = torch.as_tensor(targets.text_image, dtype=torch.long, device=device)
         obj = torch.as_tensor(targets.text_target, dtype=torch.long, device=device)
         pos = None
+        relational = relation_parts is not None and targets.text_anchors is not None and "anchor_codes" in outputs
+        if relational:
+            rel_logits, rel_anchors = relation_parts
+            add("relation_type", relation_type_loss(rel_logits, targets.text_relations), c.relation_weight)
+            asking = [k for k, objs in enumerate(targets.text_anchors) if objs]  # the relation texts
+            asking_t = torch.as_tensor(asking, dtype=torch.long, device=device)
         for layer in range(n_layers):
             last = layer == n_layers - 1
             logits, boxes, emb = outputs["objectness"][layer], outputs["boxes"][layer], outputs["embeddings"][layer]
@@ -152,6 +164,11 @@ class SetCriterion(nn.Module):
                 labels = clia_labels(owner, pos)
                 clia = self.clia[layer](emb, texts, labels, c.clia_listwise)
                 add("clia", clia, c.clia_weight if last else c.clia_aux_weight)
+            if relational and asking:
+                at = img[asking_t]
+                objs = [targets.text_anchors[k] for k in asking]
+                term = anchor_loss(rel_anchors[layer][asking_t], outputs["anchor_codes"][layer][at], owner[at], objs)
+                add("anchor", term, c.relation_weight)
             if c.neighbour_weight > 0 and targets.facts is not None and "neighbours" in outputs:
                 near = torch.cat([outputs["neighbours"][layer][b, qi] for b, (qi, _) in enumerate(match)])
                 facts = torch.cat([targets.facts[b][ti] for b, (_, ti) in enumerate(match)]).to(near.dtype)

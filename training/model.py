@@ -6,12 +6,17 @@ visual: backbone -> neck -> encoder -> text-free proposal selection -> decoder w
         (+ optional neighbour context, context.py)
 text:   encoder -> mean pool -> L2 norm -> MORE (one per decoder layer) -> query T
 score:  <T, o> (raw dot product, as the paper)
+
+With `anchor_dim` > 0 both vectors are extended by one slot per spatial relation
+(relations.py): the instance's with the anchors around it, the query's with the anchor it
+asks for on the side it asks. Still one vector each and one dot product.
 """
 
 from __future__ import annotations
 
 import math
 
+import torch
 from torch import Tensor, nn
 
 from .backbone import build_backbone
@@ -20,6 +25,7 @@ from .context import InstanceContext
 from .more import text_projection
 from .neck import Neck
 from .proposals import PRIOR, ProposalSelector
+from .relations import RELATIONS, AnchorPool, RelationQuery, RelationSlots
 from .text import TextEncoder
 from .transformer import Decoder, DecoderLayer, Encoder, EncoderLayer
 
@@ -48,10 +54,19 @@ class CLARE(nn.Module):
         self.text_proj = nn.ModuleList(
             text_projection(self.text.dim, d, m.enabled, m.experts, m.top_k, m.weight) for _ in range(cfg.dec_layers)
         )
+        self.relation_slots = self.anchor_pool = self.relation_query = None
+        if cfg.anchor_dim:
+            self.relation_slots = nn.ModuleList(RelationSlots(d, cfg.anchor_dim) for _ in range(cfg.dec_layers))
+            self.anchor_pool = AnchorPool(self.text.hidden_dim)
+            self.relation_query = RelationQuery(self.text.dim)
 
     @property
     def embed_dim(self) -> int:
-        return self.cfg.d_model
+        return self.cfg.d_model + len(RELATIONS) * self.cfg.anchor_dim
+
+    def relation_modules(self) -> list[nn.Module]:
+        """What only the relation slots use: frozen in a stage that does not train them."""
+        return [m for m in (self.relation_slots, self.anchor_pool, self.relation_query) if m is not None]
 
     def encode_image(self, images: Tensor) -> dict[str, Tensor | list[Tensor]]:
         """images: RGB in [0, 1], [B, 3, H, W]. Boxes are normalised cxcywh."""
@@ -71,6 +86,11 @@ class CLARE(nn.Module):
             terms = [context.terms(h, b, o) for context, h, b, o in layers]
             embeddings = [h + near + own for h, (near, own) in zip(hidden, terms, strict=True)]
             extra["neighbours"] = [near for near, _ in terms]  # for the neighbour-naming loss
+        if self.relation_slots is not None:  # ... and the anchors around it, by relation (relations.py)
+            layers = zip(self.relation_slots, embeddings, boxes, objectness, strict=True)
+            slots = [rel(e, b, o) for rel, e, b, o in layers]
+            embeddings = [torch.cat([e, s], -1) for e, (s, _) in zip(embeddings, slots, strict=True)]
+            extra["anchor_codes"] = [codes for _, codes in slots]  # for the anchor loss
         return {
             "embeddings": embeddings,  # per layer [B, Q, d]
             **extra,
@@ -81,15 +101,39 @@ class CLARE(nn.Module):
         }
 
     def encode_sentence(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        return self.text(input_ids, attention_mask)
+        """Sentence features: the normalised sentence embedding [B, D], and with relation slots
+        the attention-pooled anchor after it ([B, D + hidden])."""
+        if self.anchor_pool is None:
+            return self.text(input_ids, attention_mask)
+        sentence, hidden = self.text.features(input_ids, attention_mask)
+        return torch.cat([sentence, self.anchor_pool(hidden, attention_mask)], -1)
 
-    def queries(self, sentence: Tensor) -> list[Tensor]:
-        """Per decoder layer, the query vector T = MORE(normalised sentence embedding)."""
-        return [proj(sentence) for proj in self.text_proj]
+    def queries(self, sentence: Tensor, relations: bool = True) -> list[Tensor]:
+        """Per decoder layer, the query vector T = MORE(normalised sentence embedding), and with
+        relation slots the layer's slot vector after it (zeros where `relations` is off: a
+        stage that does not train the slots leaves them out of every score)."""
+        return self._with_slots(range(len(self.text_proj)), sentence, relations)
 
     def encode_text(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        """The inference query vector (last layer's MORE)."""
-        return self.text_proj[-1](self.encode_sentence(input_ids, attention_mask))
+        """The inference query vector (last layer's)."""
+        return self._with_slots([len(self.text_proj) - 1], self.encode_sentence(input_ids, attention_mask))[0]
+
+    def relation_parts(self, sentence: Tensor, layers=None) -> tuple[Tensor, list[Tensor]]:
+        """(relation logits [B, R + 1], per decoder layer the anchor's code [B, anchor_dim])."""
+        s, anchor = sentence[:, : self.text.dim], sentence[:, self.text.dim :]
+        layers = range(len(self.text_proj)) if layers is None else layers
+        codes = [self.relation_slots[n].code(self.text_proj[n](anchor)) for n in layers]
+        return self.relation_query.relation(s), codes
+
+    def _with_slots(self, layers, sentence: Tensor, relations: bool = True) -> list[Tensor]:
+        own = [self.text_proj[n](sentence[:, : self.text.dim]) for n in layers]
+        if self.relation_query is None:
+            return own
+        logits, codes = self.relation_parts(sentence, layers)
+        slots = [self.relation_query.slots(logits, code) for code in codes]
+        if not relations:
+            slots = [torch.zeros_like(x) for x in slots]
+        return [torch.cat([q, x], -1) for q, x in zip(own, slots, strict=True)]
 
 
 def build_model(cfg: ModelConfig) -> CLARE:

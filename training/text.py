@@ -92,7 +92,8 @@ class TextEncoder(nn.Module):
         else:
             self.model = AutoModel.from_pretrained(str(path), local_files_only=True)
             self.freeze(cfg.trainable_layers)
-        self.dim = getattr(self.model.config, "projection_size", None) or self.model.config.hidden_size
+        self.hidden_dim = self.model.config.hidden_size
+        self.dim = getattr(self.model.config, "projection_size", None) or self.hidden_dim
 
     def freeze(self, trainable_layers: int) -> None:
         """Train only the top `trainable_layers` layers (-1: all; 0: none). A scratch encoder
@@ -110,13 +111,18 @@ class TextEncoder(nn.Module):
                 p.requires_grad_(True)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        return self.features(input_ids, attention_mask)[0]
+
+    def features(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
+        """(normalised sentence embedding [B, dim], token states [B, L, hidden_dim]) from one pass."""
         # Keyword arguments: the legacy ONNX exporter trips over positional ones (environment.md §4).
         if self.siglip:  # last-token pooling + head, no attention mask (as SigLIP)
-            return F.normalize(self.model(input_ids=input_ids).pooler_output, dim=-1)
+            out = self.model(input_ids=input_ids)
+            return F.normalize(out.pooler_output, dim=-1), out.last_hidden_state
         out = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         mask = attention_mask.unsqueeze(-1).to(out.dtype)
         pooled = (out * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-        return F.normalize(pooled, dim=-1)
+        return F.normalize(pooled, dim=-1), out
 
 
 def encode_by_length(encode, input_ids: Tensor, attention_mask: Tensor, bucket: int = 32) -> Tensor:

@@ -23,6 +23,7 @@ from .criterion import SetCriterion, Targets
 from .data import TrainSet, collate, lookalike_keys, positives, twin_keys
 from .model import CLARE, build_model
 from .neighbours import scene_facts, text_facts
+from .relation_loss import relation_targets
 from .text import encode_by_length, load_tokenizer, tokenize
 
 
@@ -142,7 +143,7 @@ class Trainer:
                 yield epoch, batch
             epoch += 1
 
-    def targets(self, batch) -> Targets:
+    def targets(self, batch, stage: StageConfig) -> Targets:
         samples = batch.samples
         texts_of = batch.texts()
         local = [(t.logic if self.cfg.loss.multi_positive else None, i) for i, t in texts_of]
@@ -162,7 +163,18 @@ class Trainer:
             text_target=[t.target for _, t in texts_of],
             positives=positives(samples, texts, offset),
             **(self._neighbour_facts(batch) if self.cfg.loss.neighbour_weight > 0 else {}),
+            **(self._relation_targets(batch) if self._relation_loss(stage) else {}),
         )
+
+    def _relation_loss(self, stage: StageConfig) -> bool:
+        return self.cfg.loss.relation_weight > 0 and stage.relations
+
+    def _relation_targets(self, batch) -> dict:
+        """Labels of the anchor and relation-type terms (relations.py); none without logical forms."""
+        if any(s.objects is None for s in batch.samples):
+            return {}
+        anchors, types = relation_targets([(t.logic, batch.samples[i].objects) for i, t in batch.texts()])
+        return {"text_anchors": anchors, "text_relations": types}
 
     def _neighbour_facts(self, batch) -> dict:
         """Labels of the neighbour-naming loss (neighbours.py); none without scene objects."""
@@ -180,16 +192,23 @@ class Trainer:
         names = self.train_set.categories if stage.detection else []
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.train.bf16):
             outputs = self.model.encode_image(images)
-            per_layer = self.model.queries(self.sentences(texts + names))
+            sentences = self.sentences(texts + names)
+            per_layer = self.model.queries(sentences, relations=stage.relations)
+            relation_parts = None
+            if self._relation_loss(stage):  # the texts with a target come first
+                relation_parts = self.model.relation_parts(sentences[: len(batch.texts())])
         n = len(texts)
         queries = [q[:n].float() for q in per_layer]
         categories = [q[n:].float() for q in per_layer] if names else None
         outputs = {k: [t.float() for t in v] if isinstance(v, list) else v.float() for k, v in outputs.items()}
-        return self.criterion(outputs, queries, self.targets(batch), stage, categories)
+        if relation_parts is not None:
+            relation_parts = (relation_parts[0].float(), [t.float() for t in relation_parts[1]])
+        return self.criterion(outputs, queries, self.targets(batch, stage), stage, categories, relation_parts)
 
     def sentences(self, texts: list[str]) -> torch.Tensor:
-        """Sentence embeddings; memoised per text while the whole text encoder is frozen."""
-        if any(p.requires_grad for p in self.model.text.parameters()):
+        """Sentence features; memoised per text while everything that computes them is frozen."""
+        pool = self.model.anchor_pool
+        if any(p.requires_grad for p in [*self.model.text.parameters(), *(pool.parameters() if pool else [])]):
             return self._encode(texts)
         missing = sorted({t for t in texts if t not in self.sentence_cache})
         if missing:
@@ -226,6 +245,10 @@ class Trainer:
             if si < start_stage:
                 continue
             self.model.text.freeze(cfg.model.text.trainable_layers if stage.train_text else 0)
+            for module in self.model.relation_modules():
+                module.requires_grad_(stage.relations)
+            if self.model.relation_query is not None:
+                self.model.relation_query.supervised = self._relation_loss(stage)
             self.sentence_cache.clear()  # the encoder may have changed in the previous stage
             self.train_set.contrasts = stage.contrasts if stage.clia else 0
             opt = torch.optim.AdamW(
