@@ -94,17 +94,28 @@ def test_the_query_asks_one_slot_and_none_asks_nothing():
     assert float(out[:, [r for r in range(len(RELATIONS)) if r != above]].abs().max()) < 1e-9
 
 
-def test_supervised_relation_probabilities_take_no_gradient_from_the_score():
-    rq = RelationQuery(12)
-    logits = torch.randn(2, len(RELATIONS) + 1, requires_grad=True)
-    anchor = torch.randn(2, A, requires_grad=True)
-    rq.slots(logits, anchor).sum().backward()
-    assert float(logits.grad.abs().sum()) > 0
-    logits.grad = None
-    rq.supervised = True  # the relation-type term labels p: the score must not move it
-    rq.slots(logits, anchor).sum().backward()
-    assert logits.grad is None or float(logits.grad.abs().sum()) == 0.0
-    assert float(anchor.grad.abs().sum()) > 0 and rq.gamma.grad is not None
+def test_supervised_slots_take_no_gradient_from_the_score_but_gamma_and_the_gates_do():
+    rq, slots = RelationQuery(12), RelationSlots(D, A)
+    emb, boxes, obj = _scene()
+    logits = torch.randn(4, len(RELATIONS) + 1, requires_grad=True)
+    anchor = torch.randn(4, A, requires_grad=True)
+    emb.requires_grad_(True)
+
+    def score():
+        out, _ = slots(emb, boxes, obj)
+        return (out[0] * rq.slots(logits, anchor)).sum()
+
+    score().backward()
+    assert all(float(t.grad.abs().sum()) > 0 for t in (logits, anchor, emb))
+    for t in (logits, anchor, emb, rq.gamma, slots.threshold):
+        t.grad = None
+    rq.supervised = slots.supervised = True  # exact labels teach p and the codes: the score must not
+    score().backward()
+    assert all(t.grad is None or float(t.grad.abs().sum()) == 0.0 for t in (logits, anchor, emb))
+    assert rq.gamma.grad is not None and float(slots.threshold.grad.abs().sum()) > 0
+    _, codes = slots(emb, boxes, obj)  # ... while the codes the anchor term reads keep their gradient
+    codes.sum().backward()
+    assert float(emb.grad.abs().sum()) > 0
 
 
 def test_anchor_codes_start_as_a_projection_that_keeps_dot_products():

@@ -25,7 +25,7 @@ from .context import InstanceContext
 from .more import text_projection
 from .neck import Neck
 from .proposals import PRIOR, ProposalSelector
-from .relations import RELATIONS, AnchorPool, RelationQuery, RelationSlots
+from .relations import RELATIONS, RelationQuery, RelationSlots, TokenPool
 from .text import TextEncoder
 from .transformer import Decoder, DecoderLayer, Encoder, EncoderLayer
 
@@ -54,11 +54,11 @@ class CLARE(nn.Module):
         self.text_proj = nn.ModuleList(
             text_projection(self.text.dim, d, m.enabled, m.experts, m.top_k, m.weight) for _ in range(cfg.dec_layers)
         )
-        self.relation_slots = self.anchor_pool = self.relation_query = None
+        self.relation_slots = self.text_pools = self.relation_query = None
         if cfg.anchor_dim:
             self.relation_slots = nn.ModuleList(RelationSlots(d, cfg.anchor_dim) for _ in range(cfg.dec_layers))
-            self.anchor_pool = AnchorPool(self.text.hidden_dim)
-            self.relation_query = RelationQuery(self.text.dim)
+            self.text_pools = nn.ModuleList(TokenPool(self.text.hidden_dim) for _ in ("anchor", "relation"))
+            self.relation_query = RelationQuery(self.text.hidden_dim)
 
     @property
     def embed_dim(self) -> int:
@@ -66,7 +66,13 @@ class CLARE(nn.Module):
 
     def relation_modules(self) -> list[nn.Module]:
         """What only the relation slots use: frozen in a stage that does not train them."""
-        return [m for m in (self.relation_slots, self.anchor_pool, self.relation_query) if m is not None]
+        return [m for m in (self.relation_slots, self.text_pools, self.relation_query) if m is not None]
+
+    def supervise_relations(self, supervised: bool) -> None:
+        """Where exact labels teach the slots, the retrieval score does not (RelationSlots.supervised)."""
+        for module in [*(self.relation_slots or []), self.relation_query]:
+            if module is not None:
+                module.supervised = supervised
 
     def encode_image(self, images: Tensor) -> dict[str, Tensor | list[Tensor]]:
         """images: RGB in [0, 1], [B, 3, H, W]. Boxes are normalised cxcywh."""
@@ -102,11 +108,11 @@ class CLARE(nn.Module):
 
     def encode_sentence(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """Sentence features: the normalised sentence embedding [B, D], and with relation slots
-        the attention-pooled anchor after it ([B, D + hidden])."""
-        if self.anchor_pool is None:
+        the anchor and relation pools after it ([B, D + 2 hidden])."""
+        if self.text_pools is None:
             return self.text(input_ids, attention_mask)
         sentence, hidden = self.text.features(input_ids, attention_mask)
-        return torch.cat([sentence, self.anchor_pool(hidden, attention_mask)], -1)
+        return torch.cat([sentence, *(pool(hidden, attention_mask) for pool in self.text_pools)], -1)
 
     def queries(self, sentence: Tensor, relations: bool = True) -> list[Tensor]:
         """Per decoder layer, the query vector T = MORE(normalised sentence embedding), and with
@@ -120,10 +126,10 @@ class CLARE(nn.Module):
 
     def relation_parts(self, sentence: Tensor, layers=None) -> tuple[Tensor, list[Tensor]]:
         """(relation logits [B, R + 1], per decoder layer the anchor's code [B, anchor_dim])."""
-        s, anchor = sentence[:, : self.text.dim], sentence[:, self.text.dim :]
+        anchor, relation = sentence[:, self.text.dim :].chunk(2, -1)
         layers = range(len(self.text_proj)) if layers is None else layers
         codes = [self.relation_slots[n].code(self.text_proj[n](anchor)) for n in layers]
-        return self.relation_query.relation(s), codes
+        return self.relation_query.relation(relation), codes
 
     def _with_slots(self, layers, sentence: Tensor, relations: bool = True) -> list[Tensor]:
         own = [self.text_proj[n](sentence[:, : self.text.dim]) for n in layers]

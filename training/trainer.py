@@ -207,8 +207,8 @@ class Trainer:
 
     def sentences(self, texts: list[str]) -> torch.Tensor:
         """Sentence features; memoised per text while everything that computes them is frozen."""
-        pool = self.model.anchor_pool
-        if any(p.requires_grad for p in [*self.model.text.parameters(), *(pool.parameters() if pool else [])]):
+        pools = self.model.text_pools
+        if any(p.requires_grad for p in [*self.model.text.parameters(), *(pools.parameters() if pools else [])]):
             return self._encode(texts)
         missing = sorted({t for t in texts if t not in self.sentence_cache})
         if missing:
@@ -247,8 +247,7 @@ class Trainer:
             self.model.text.freeze(cfg.model.text.trainable_layers if stage.train_text else 0)
             for module in self.model.relation_modules():
                 module.requires_grad_(stage.relations)
-            if self.model.relation_query is not None:
-                self.model.relation_query.supervised = self._relation_loss(stage)
+            self.model.supervise_relations(self._relation_loss(stage))
             self.sentence_cache.clear()  # the encoder may have changed in the previous stage
             self.train_set.contrasts = stage.contrasts if stage.clia else 0
             opt = torch.optim.AdamW(
