@@ -190,10 +190,11 @@ def test_score_is_own_term_plus_anchor_matches_on_the_asked_side():
         match = torch.einsum("a,bja->bj", anchors[-1][0], codes)  # <a_t, a(j)>
         want = emb[..., :d] @ own[0] + model.relation_query.gamma * torch.einsum("r,bijr,bj->bi", p, gates, match)
     torch.testing.assert_close(emb @ q[0], want, atol=1e-4, rtol=1e-4)
-    # A stage that leaves the relations out scores with the own term only.
+    # A stage that leaves the relations out trains as if the model had none: d-dim vectors.
+    model.train_relations(False, supervised=False)
     with torch.no_grad():
-        off = model.queries(sentence, relations=False)[-1]
-    assert float(off[0, d:].abs().max()) == 0.0
+        assert model.queries(sentence)[-1].shape[-1] == d
+        assert model.encode_image(x)["embeddings"][-1].shape[-1] == d
 
 
 def test_relation_slots_export_to_onnx_with_the_same_numbers(tmp_path):
@@ -218,3 +219,13 @@ def test_relation_slots_export_to_onnx_with_the_same_numbers(tmp_path):
         want_emb = Detector(model, 10, 0.7).eval()(torch.from_numpy(images))[2].numpy()
     assert got_emb.shape[-1] == model.embed_dim
     np.testing.assert_allclose(got_emb, want_emb, atol=1e-4, rtol=1e-3)
+
+
+def test_a_stage_without_relations_freezes_the_slots():
+    model, _ = _model()
+    model.train_relations(False, supervised=False)
+    assert not any(p.requires_grad for m in (model.relation_slots, model.relation_query) for p in m.parameters())
+    model.train_relations(True, supervised=True)
+    assert all(p.requires_grad for p in model.relation_slots.parameters())
+    assert model.relation_query.supervised and model.relation_slots[0].supervised
+    assert model.encode_image(torch.rand(1, 3, 128, 128))["anchor_codes"][-1].requires_grad

@@ -59,20 +59,24 @@ class CLARE(nn.Module):
             self.relation_slots = nn.ModuleList(RelationSlots(d, cfg.anchor_dim) for _ in range(cfg.dec_layers))
             self.text_pools = nn.ModuleList(TokenPool(self.text.hidden_dim) for _ in ("anchor", "relation"))
             self.relation_query = RelationQuery(self.text.hidden_dim)
+        self.use_relations = cfg.anchor_dim > 0  # train_relations
 
     @property
     def embed_dim(self) -> int:
         return self.cfg.d_model + len(RELATIONS) * self.cfg.anchor_dim
 
-    def relation_modules(self) -> list[nn.Module]:
-        """What only the relation slots use: frozen in a stage that does not train them."""
-        return [m for m in (self.relation_slots, self.text_pools, self.relation_query) if m is not None]
-
-    def supervise_relations(self, supervised: bool) -> None:
-        """Where exact labels teach the slots, the retrieval score does not (RelationSlots.supervised)."""
-        for module in [*(self.relation_slots or []), self.relation_query]:
-            if module is not None:
-                module.supervised = supervised
+    def train_relations(self, train: bool, supervised: bool) -> None:
+        """Per stage (the trainer): do the relation slots train and score (`stage.relations`), and
+        do exact labels teach them (RelationSlots.supervised)? A stage that leaves them out
+        trains the model as if it had none: both vectors stop at d_model and the slots are
+        frozen (stage 1 of the CPU recipe then costs what it cost without them)."""
+        if self.relation_slots is None:
+            return
+        for module in (self.relation_slots, self.text_pools, self.relation_query):
+            module.requires_grad_(train)
+        for module in (*self.relation_slots, self.relation_query):
+            module.supervised = supervised
+        self.use_relations = train
 
     def encode_image(self, images: Tensor) -> dict[str, Tensor | list[Tensor]]:
         """images: RGB in [0, 1], [B, 3, H, W]. Boxes are normalised cxcywh."""
@@ -92,7 +96,7 @@ class CLARE(nn.Module):
             terms = [context.terms(h, b, o) for context, h, b, o in layers]
             embeddings = [h + near + own for h, (near, own) in zip(hidden, terms, strict=True)]
             extra["neighbours"] = [near for near, _ in terms]  # for the neighbour-naming loss
-        if self.relation_slots is not None:  # ... and the anchors around it, by relation (relations.py)
+        if self.use_relations:  # ... and the anchors around it, by relation (relations.py)
             layers = zip(self.relation_slots, embeddings, boxes, objectness, strict=True)
             slots = [rel(e, b, o) for rel, e, b, o in layers]
             embeddings = [torch.cat([e, s], -1) for e, (s, _) in zip(embeddings, slots, strict=True)]
@@ -114,11 +118,10 @@ class CLARE(nn.Module):
         sentence, hidden = self.text.features(input_ids, attention_mask)
         return torch.cat([sentence, *(pool(hidden, attention_mask) for pool in self.text_pools)], -1)
 
-    def queries(self, sentence: Tensor, relations: bool = True) -> list[Tensor]:
+    def queries(self, sentence: Tensor) -> list[Tensor]:
         """Per decoder layer, the query vector T = MORE(normalised sentence embedding), and with
-        relation slots the layer's slot vector after it (zeros where `relations` is off: a
-        stage that does not train the slots leaves them out of every score)."""
-        return self._with_slots(range(len(self.text_proj)), sentence, relations)
+        relation slots the layer's slot vector after it."""
+        return self._with_slots(range(len(self.text_proj)), sentence)
 
     def encode_text(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """The inference query vector (last layer's)."""
@@ -131,14 +134,12 @@ class CLARE(nn.Module):
         codes = [self.relation_slots[n].code(self.text_proj[n](anchor)) for n in layers]
         return self.relation_query.relation(relation), codes
 
-    def _with_slots(self, layers, sentence: Tensor, relations: bool = True) -> list[Tensor]:
+    def _with_slots(self, layers, sentence: Tensor) -> list[Tensor]:
         own = [self.text_proj[n](sentence[:, : self.text.dim]) for n in layers]
-        if self.relation_query is None:
+        if not self.use_relations:
             return own
         logits, codes = self.relation_parts(sentence, layers)
         slots = [self.relation_query.slots(logits, code) for code in codes]
-        if not relations:
-            slots = [torch.zeros_like(x) for x in slots]
         return [torch.cat([q, x], -1) for q, x in zip(own, slots, strict=True)]
 
 

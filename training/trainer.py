@@ -193,7 +193,7 @@ class Trainer:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.train.bf16):
             outputs = self.model.encode_image(images)
             sentences = self.sentences(texts + names)
-            per_layer = self.model.queries(sentences, relations=stage.relations)
+            per_layer = self.model.queries(sentences)
             relation_parts = None
             if self._relation_loss(stage):  # the texts with a target come first
                 relation_parts = self.model.relation_parts(sentences[: len(batch.texts())])
@@ -245,9 +245,7 @@ class Trainer:
             if si < start_stage:
                 continue
             self.model.text.freeze(cfg.model.text.trainable_layers if stage.train_text else 0)
-            for module in self.model.relation_modules():
-                module.requires_grad_(stage.relations)
-            self.model.supervise_relations(self._relation_loss(stage))
+            self.model.train_relations(stage.relations, supervised=self._relation_loss(stage))
             self.sentence_cache.clear()  # the encoder may have changed in the previous stage
             self.train_set.contrasts = stage.contrasts if stage.clia else 0
             opt = torch.optim.AdamW(
@@ -296,6 +294,7 @@ class Trainer:
                     if done and si + 1 < len(cfg.train.stages):  # e.g. grounding.pt: the stage-1-only ablation
                         self.save(self.run_dir / f"{stage.name}.pt", si + 1, 0, epoch, None)
             bar.close()
+        self.model.train_relations(True, supervised=False)  # evaluated and exported as built
         if self.skipped and self.rank == 0:
             print(f"note: skipped {self.skipped} unreadable training image(s)")
         final = self.run_dir / "final.pt"
