@@ -32,6 +32,11 @@ from .fsutil import atomic_file, write_json_atomic
 from .protocol import Detections
 
 SCHEMA_VERSION = 1
+# Up to this many instance vectors a query scans them all: exact, and about as fast as the graph
+# (448-d f16 on one 2-core EPYC thread: 0.07 ms at 1k vectors, 0.46 ms at 10k, 2.6 ms at 30k).
+# Text queries against image-instance vectors by raw dot product are a hard case for HNSW (see
+# benchmarks/results/*-indexes-*.md), so small galleries should not pay for it in recall.
+EXACT_BELOW = 20_000
 DTYPES = ("f32", "f16", "bf16", "i8")
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -85,6 +90,7 @@ class Gallery:
         self.model = meta.get("model", "")
         self.bundle = meta.get("bundle", "")  # the bundle that indexed it: the default for searching
         self.hnsw = json.loads(meta["hnsw"])
+        self.exact_below = EXACT_BELOW  # per process, not stored: a search policy, not the layout
         self._lock = threading.RLock()  # usearch: serialise writers against readers (#735)
         self._lock_fd: int | None = None
         self._local = threading.local()  # one read connection per thread: WAL readers run in parallel
@@ -244,27 +250,33 @@ class Gallery:
 
     # -- reading ------------------------------------------------------------------------
     def search(
-        self, queries: np.ndarray, k: int = 10, per_image: bool = True, tags: dict[str, str] | None = None
+        self,
+        queries: np.ndarray,
+        k: int = 10,
+        per_image: bool = True,
+        tags: dict[str, str] | None = None,
+        exact: bool | None = None,
     ) -> list[list[Hit]]:
         """Top-k hits per query vector. per_image: the best instance of each image only
-        (over-fetch, then deduplicate); tags: only images whose tags include all of these."""
+        (over-fetch, then deduplicate); tags: only images whose tags include all of these;
+        exact: scan every vector instead of walking the graph (default: while the gallery
+        holds at most `exact_below` vectors)."""
         queries = np.atleast_2d(np.asarray(queries, np.float32))
         if queries.shape[1] != self.dim:
             raise GalleryError(f"query dim {queries.shape[1]} != gallery dim {self.dim}")
-        out = []
-        for q in queries:
-            out.append(self._search_one(q, k, per_image, tags))
-        return out
+        return [self._search_one(q, k, per_image, tags, exact) for q in queries]
 
-    def _search_one(self, q: np.ndarray, k: int, per_image: bool, tags) -> list[Hit]:
+    def _search_one(self, q: np.ndarray, k: int, per_image: bool, tags, exact: bool | None) -> list[Hit]:
         with self._lock:
             total = len(self.index)
         if total == 0 or k <= 0:
             return []
+        if exact is None:
+            exact = total <= self.exact_below
         fetch = min(total, k * (4 if per_image or tags else 1))
         while True:
             with self._lock:
-                m = self.index.search(q, fetch, threads=1)
+                m = self.index.search(q, fetch, threads=1, exact=exact)
             keys = np.asarray(m.keys)
             scores = 1.0 - np.asarray(m.distances, np.float64)[: len(keys)]  # usearch "ip" distance = 1 - dot
             hits = self._hits(keys, scores, per_image, tags, k)
