@@ -23,6 +23,7 @@ from reir.engine.fsutil import atomic_directory
 from reir.training.checkpoint import load_model
 from reir.training.config import EvalConfig
 from reir.training.evaluate import torch_detector, torch_text_encoder
+from reir.training.more import routed, tie_routings
 from reir.training.text import load_tokenizer
 
 from . import gates as G
@@ -74,6 +75,7 @@ def export_bundle(
 
         ecfg = EvalConfig(topk=topk, nms_iou=nms_iou)
         ref = (torch_detector(model, ecfg), torch_text_encoder(model, hf_tok))
+        ties = _tie_routings(model, ref[1])
         shutil.copyfile(tmp / "tokenizer.json", work / "tokenizer.json")
         fp32 = ort_fns(work / "text_fp32.onnx", work / "visual_fp32.onnx", work)
         log("gate: fp32 ONNX vs PyTorch")
@@ -100,9 +102,12 @@ def export_bundle(
                 log(f"gate: {precision}{' + trimmed vocabulary' if vocab else ''} vs fp32 ONNX")
                 metrics = G.retrieval(cand, ds, hw)
                 label = f"{precision}{'_vocab' if vocab else ''}_vs_fp32"
-                parity[label] = G.parity(fp32, cand, ds, hw)
+                parity[label] = G.parity(fp32, cand, ds, hw, ties)
                 reduced = G.gate_reduced(precision, parity[label], fp32_metrics, metrics)
                 log(G.format_gates(reduced))
+                if ties:
+                    flips = parity[label]["query_routing_flips"]
+                    log(f"  text queries that took another MORE routing at a tie: {flips:.1%}")
                 text_only = [g for g in reduced if not g.passed] == [reduced[0]]
                 if precision == "fp16" and text_only and graph_precision["text_encoder"] == "fp16":
                     # MORE routes each query to its top-2 experts: near a tie, fp16 noise in the
@@ -177,6 +182,19 @@ def export_bundle(
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     log(f"bundle written: {out} ({precision}, {manifest['export_seconds']} s)")
     return manifest
+
+
+def _tie_routings(model, encode) -> tuple:
+    """The PyTorch queries under each MORE routing, where it ties (export/gates.py ROUTING_TIE)."""
+
+    def under(experts: tuple[int, ...]):
+        def encode_routed(texts: list[str]):
+            with routed(model, experts, G.ROUTING_TIE):
+                return encode(texts)
+
+        return encode_routed
+
+    return tuple(under(e) for e in tie_routings(model))
 
 
 def _convert(precision: str, work: Path) -> tuple[Path, Path]:

@@ -12,7 +12,7 @@ torch = pytest.importorskip("torch", reason="torch not installed (training extra
 from reir.training import box_ops  # noqa: E402
 from reir.training.checkpoint import CheckpointError, check_compatible, load_checkpoint, save_checkpoint  # noqa: E402
 from reir.training.config import Config, ConfigError, load_config  # noqa: E402
-from reir.training.more import MORE  # noqa: E402
+from reir.training.more import MORE, routed, tie_routings  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -82,6 +82,26 @@ def test_more_routes_top_k_and_mixes():
     experts = m.experts(x).view(5, 4, 8)
     want = 0.7 * m.shared(x) + 0.3 * (g[..., None] * experts).sum(1)
     torch.testing.assert_close(m(x), want)
+
+
+def test_routed_takes_another_choice_only_where_it_ties():
+    """The export gates' view of a routing tie: an expression whose 2nd and 3rd gates tie may go
+    either way; one with a decisive router keeps its own experts."""
+    m = MORE(4, 3, experts=4, top_k=2)
+    with torch.no_grad():
+        m.router.weight.copy_(torch.tensor([[3.0, 0, 0, 0], [2.0, 0, 0, 0], [2.0, 0, 0, 0], [0.0, 0, 0, 0]]))
+        m.router.bias.zero_()
+    x = torch.tensor([[1.0, 0, 0, 0], [0.0, 0, 0, 0]])  # row 0: gates 3 > 2 = 2 > 0; row 1: all tie
+    own = (m.gates(x) > 0).tolist()
+    assert own[0] == [True, True, True, False]  # a tie at the K-th gate keeps both (top-K by value)
+    assert tie_routings(torch.nn.Sequential(m)) == [(0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3)]
+    with routed(m, (0, 2), tie=0.01):
+        g = m.gates(x) > 0
+    assert g.tolist() == [[True, False, True, False], [True, False, True, False]]
+    with routed(m, (1, 3), tie=0.01):  # expert 3's gate is far below expert 0's in row 0
+        g = m.gates(x) > 0
+    assert g[0].tolist() == own[0] and g[1].tolist() == [False, True, False, True]
+    assert m.route_override is None  # restored: the exported graph never sees it
 
 
 def _tiny_model_cfg():
