@@ -28,6 +28,12 @@ def add_parser(sub) -> None:
         "--connectivity", default="16", help="HNSW graph degrees M to compare, e.g. 16,32 (usearch f16 and FAISS)"
     )
     r.add_argument("--rerender", type=Path, metavar="JSON", help="redraw figures and markdown from a stored JSON")
+    st = bench.add_parser("steps", help="training-step cost of a recipe vs a variant (--set), side by side")
+    st.add_argument("config", type=Path)
+    st.add_argument("--set", dest="variant", action="append", default=[], metavar="KEY=VALUE", required=True)
+    st.add_argument("--steps", type=int, default=30, help="timed steps per stage and config")
+    st.add_argument("--warmup", type=int, default=3)
+    st.add_argument("--out", type=Path, help="write the JSON here")
     m = bench.add_parser("micro", help="pytest-benchmark micro-benchmarks; JSON to --out")
     m.add_argument("--out", type=Path, default=RESULTS)
     m.add_argument("--threads", type=int, default=0, help="ONNX Runtime / torch threads (0: all cores)")
@@ -36,6 +42,17 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.bench_command == "steps":
+        from reir.training.config import ConfigError
+
+        from .recipe_steps import compare_steps
+
+        try:
+            compare_steps(args.config, args.variant, args.steps, args.warmup, args.out)
+        except ConfigError as e:
+            print(f"reir: error: {e}", file=sys.stderr)
+            return 2
+        return 0
     if args.bench_command == "report":
         from .report import SECTIONS, rerender, run_report
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -77,3 +78,19 @@ def test_report_writes_json_markdown_and_figures(tiny_bundle, tmp_path):
     assert len(report["figures"]) == 3
     for name in report["figures"]:
         assert (out / name).stat().st_size > 10_000  # a drawn PNG, not an empty canvas
+
+
+def test_step_comparison_times_both_configs_on_every_stage(tmp_path):
+    pytest.importorskip("torch", reason="torch not installed (training extra)")
+    from reir.benchmarks.recipe_steps import compare_steps
+
+    tiny = Path(__file__).resolve().parents[1] / "configs" / "synth_tiny.yaml"
+
+    shared = [f"out_dir={tmp_path / 'runs'}", f"data.root={tmp_path / 'data'}", "data.generate_images=48"]
+    out = tmp_path / "steps.json"
+    res = compare_steps(tiny, ["model.text.more.enabled=false"], steps=2, warmup=1, out=out, shared=shared)
+    assert [r["stage"] for r in res["stages"]] == ["grounding", "clia"]
+    for r in res["stages"]:
+        assert r["recipe_s"]["n"] == r["variant_s"]["n"] == 2 and r["recipe_s"]["median"] > 0
+        assert r["ratio_median"] == pytest.approx(r["variant_s"]["median"] / r["recipe_s"]["median"], rel=1e-3)
+    assert json.loads(out.read_text()) == res and not list(tmp_path.glob("*.partial"))

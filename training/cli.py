@@ -12,7 +12,7 @@ from .checkpoint import CheckpointError, load_model
 from .config import ConfigError, load_config
 
 
-def _overrides(pairs: list[str]) -> dict:
+def overrides(pairs: list[str]) -> dict:
     out = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
@@ -34,7 +34,7 @@ def _train(args: argparse.Namespace) -> int:
     from .evaluate import evaluate_model
     from .trainer import Trainer
 
-    cfg = load_config(args.config, _overrides(args.set))
+    cfg = load_config(args.config, overrides(args.set))
     trainer = Trainer(cfg, progress=not args.quiet)
     final = trainer.fit(resume=args.resume, start_from=args.start_from)
     if trainer.rank == 0:

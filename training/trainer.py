@@ -244,13 +244,7 @@ class Trainer:
         for si, stage in enumerate(cfg.train.stages):
             if si < start_stage:
                 continue
-            self.model.text.freeze(cfg.model.text.trainable_layers if stage.train_text else 0)
-            self.model.train_relations(stage.relations, supervised=self._relation_loss(stage))
-            self.sentence_cache.clear()  # the encoder may have changed in the previous stage
-            self.train_set.contrasts = stage.contrasts if stage.clia else 0
-            opt = torch.optim.AdamW(
-                param_groups(self.model, self.criterion, stage), weight_decay=cfg.train.weight_decay
-            )
+            opt = self.begin_stage(stage)
             base = [g["lr"] for g in opt.param_groups]
             step = start_step if si == start_stage else 0
             if resume and si == start_stage and step and "optimizer" in state:
@@ -269,14 +263,7 @@ class Trainer:
                     continue
                 for g, lr in zip(opt.param_groups, base, strict=True):
                     g["lr"] = lr * lr_factor(step, stage)
-                total, logs = self.loss(batch, stage)
-                opt.zero_grad(set_to_none=True)
-                total.backward()
-                if self.world > 1:
-                    _average_gradients(self.model, self.criterion)
-                params = [p for g in opt.param_groups for p in g["params"]]
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
-                opt.step()
+                logs, grad_norm = self.step(batch, stage, opt)
                 step += 1
                 seen += len(batch.samples) * self.world
                 bar.update()
@@ -301,6 +288,27 @@ class Trainer:
         if self.rank == 0:
             self.save(final, len(cfg.train.stages), 0, epoch, None)
         return final
+
+    def begin_stage(self, stage: StageConfig) -> torch.optim.Optimizer:
+        """What trains in `stage`, and its optimizer (at the stage's base learning rates)."""
+        cfg = self.cfg
+        self.model.text.freeze(cfg.model.text.trainable_layers if stage.train_text else 0)
+        self.model.train_relations(stage.relations, supervised=self._relation_loss(stage))
+        self.sentence_cache.clear()  # the encoder may have changed in the previous stage
+        self.train_set.contrasts = stage.contrasts if stage.clia else 0
+        return torch.optim.AdamW(param_groups(self.model, self.criterion, stage), weight_decay=cfg.train.weight_decay)
+
+    def step(self, batch, stage: StageConfig, opt: torch.optim.Optimizer) -> tuple[dict[str, float], torch.Tensor]:
+        """One optimisation step on `batch`: (logged loss terms, gradient norm before clipping)."""
+        total, logs = self.loss(batch, stage)
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        if self.world > 1:
+            _average_gradients(self.model, self.criterion)
+        params = [p for g in opt.param_groups for p in g["params"]]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.train.grad_clip)
+        opt.step()
+        return logs, grad_norm
 
     def save(self, path: Path, stage: int, step: int, epoch: int, opt) -> None:
         extra = {"criterion": self.criterion.state_dict(), "stage": stage, "step": step, "epoch": epoch}
