@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from reir.engine.fsutil import write_bytes_atomic
+
 from .common import machine
 
 
@@ -59,9 +61,7 @@ def compare_steps(
         )
     result["machine"] = machine()
     if out is not None:
-        tmp = out.with_suffix(out.suffix + ".partial")
-        tmp.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-        tmp.replace(out)
+        write_bytes_atomic(out, (json.dumps(result, indent=2) + "\n").encode("utf-8"))
     return result
 
 

@@ -93,4 +93,4 @@ def test_step_comparison_times_both_configs_on_every_stage(tmp_path):
     for r in res["stages"]:
         assert r["recipe_s"]["n"] == r["variant_s"]["n"] == 2 and r["recipe_s"]["median"] > 0
         assert r["ratio_median"] == pytest.approx(r["variant_s"]["median"] / r["recipe_s"]["median"], rel=1e-3)
-    assert json.loads(out.read_text()) == res and not list(tmp_path.glob("*.partial"))
+    assert json.loads(out.read_text()) == res and not list(tmp_path.glob(".steps.json.*"))  # no temp file left
