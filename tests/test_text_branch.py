@@ -28,6 +28,24 @@ def test_minilm_loads_offline_and_embeds():
     assert trainable and all(".layer.5." in n for n in trainable)  # only the top layer trains
 
 
+def test_frozen_layers_run_without_dropout_while_the_trained_ones_keep_it():
+    cfg = TextConfig(encoder="minilm", trainable_layers=2)
+    enc, tok = TextEncoder(cfg), load_tokenizer(cfg)
+    enc.train()
+    layers = enc.model.encoder.layer
+    assert not enc.model.embeddings.training and not any(m.training for m in layers[3].modules())
+    assert all(m.training for m in layers[4].modules())
+    batch = tokenize(tok, ["the small red circle left of a blue star"], 32)
+    with torch.no_grad():
+        hidden = enc.model.embeddings(input_ids=batch["input_ids"])
+        assert torch.equal(hidden, enc.model.embeddings(input_ids=batch["input_ids"]))  # deterministic
+        enc.freeze(0)  # a stage that trains no text layer: all of it is frozen, so all of it is exact
+        a, b = enc(**batch), enc(**batch)
+    assert enc.training and torch.equal(a, b)
+    enc.eval()
+    torch.testing.assert_close(enc(**batch), a)
+
+
 def test_encoding_by_length_gives_the_padded_batch_embeddings_in_order():
     cfg = TextConfig(encoder="minilm", trainable_layers=1)
     enc, tok = TextEncoder(cfg).eval(), load_tokenizer(cfg)

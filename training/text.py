@@ -102,13 +102,25 @@ class TextEncoder(nn.Module):
             trainable_layers = -1
         for p in self.model.parameters():
             p.requires_grad_(trainable_layers < 0)
+        self.frozen = [] if trainable_layers < 0 else [self.model]
         if trainable_layers <= 0:
+            self.train(self.training)
             return
         encoder = self.model.text_model.encoder if self.siglip else self.model.encoder
         layers = encoder.layers if self.siglip else encoder.layer
         for layer in list(layers)[len(layers) - trainable_layers :]:
             for p in layer.parameters():
                 p.requires_grad_(True)
+        self.frozen = [m for m in self.model.modules() if m is not self.model and _all_frozen(m)]
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> TextEncoder:
+        """Frozen parts stay in eval mode (no dropout) even while training: what they compute
+        is then what inference computes, and the stage-1 memo holds those exact features."""
+        super().train(mode)
+        for m in getattr(self, "frozen", []):
+            m.eval()
+        return self
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         return self.features(input_ids, attention_mask)[0]
@@ -123,6 +135,11 @@ class TextEncoder(nn.Module):
         mask = attention_mask.unsqueeze(-1).to(out.dtype)
         pooled = (out * mask).sum(1) / mask.sum(1).clamp(min=1.0)
         return F.normalize(pooled, dim=-1), out
+
+
+def _all_frozen(module: nn.Module) -> bool:
+    params = list(module.parameters())
+    return bool(params) and not any(p.requires_grad for p in params)
 
 
 def encode_by_length(encode, input_ids: Tensor, attention_mask: Tensor, bucket: int = 32) -> Tensor:
