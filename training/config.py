@@ -108,8 +108,13 @@ class StageConfig:
     contrasts: int = 0  # synthetic scenes, CLIA stages: counterfactual texts per image as hard negatives
     lookalikes: int = 0  # per drawn image, this many more that hold an instance of the same name (data.py)
     relations: bool = True  # model.anchor_dim > 0: the relation slots train and score in this stage
+    ema: float = 0.0  # > 0: the stage ends with this EMA of its weights; the raw ones go to <stage>.raw.pt
+    ema_compare: list[float] = field(default_factory=list)  # more EMA decays, saved as <stage>.ema<d>.pt
 
     def __post_init__(self) -> None:
+        for d in [self.ema, *self.ema_compare] if self.ema else self.ema_compare:
+            if not 0.0 < d < 1.0:
+                raise ConfigError(f"stage {self.name!r}: an EMA decay must be in (0, 1), got {d}")
         if self.lookalikes < 0:
             raise ConfigError(f"stage {self.name!r}: lookalikes must be >= 0, got {self.lookalikes}")
         if self.lookalikes and self.flip_twins:

@@ -21,6 +21,7 @@ from .checkpoint import CheckpointError, check_compatible, load_checkpoint, save
 from .config import Config, ConfigError, StageConfig
 from .criterion import SetCriterion, Targets
 from .data import TrainSet, collate, lookalike_keys, positives, twin_keys
+from .ema import WeightAverage
 from .model import CLARE, build_model
 from .neighbours import scene_facts, text_facts
 from .relation_loss import relation_targets
@@ -252,6 +253,7 @@ class Trainer:
                     opt.load_state_dict(state["optimizer"])
                 except ValueError as e:  # e.g. saved before the context heads had their own group
                     raise CheckpointError(f"{source}: optimizer state does not fit this version ({e})") from None
+            averages = self.begin_averages(stage, state if resume and si == start_stage and step else None, source)
             self.model.train()
             bar = tqdm(total=stage.steps, initial=step, desc=f"{stage.name}", disable=not self.progress or self.rank)
             t0, seen = time.perf_counter(), 0
@@ -264,6 +266,8 @@ class Trainer:
                 for g, lr in zip(opt.param_groups, base, strict=True):
                     g["lr"] = lr * lr_factor(step, stage)
                 logs, grad_norm = self.step(batch, stage, opt)
+                for avg in averages:
+                    avg.update(self.model)
                 step += 1
                 seen += len(batch.samples) * self.world
                 bar.update()
@@ -275,9 +279,12 @@ class Trainer:
                         rec.update(logs, grad_norm=float(grad_norm), images_per_s=rate, skipped_images=self.skipped)
                         with open(metrics_path, "a") as f:
                             f.write(json.dumps(rec) + "\n")
+                if step == stage.steps and averages:  # every rank: the next stage starts from the average
+                    self.end_averages(stage, averages, epoch, si)
                 if self.rank == 0 and (step % cfg.train.ckpt_every == 0 or step == stage.steps):
                     done = step == stage.steps
-                    self.save(last, si + 1 if done else si, 0 if done else step, epoch, None if done else opt)
+                    kept = None if done else averages
+                    self.save(last, si + 1 if done else si, 0 if done else step, epoch, None if done else opt, kept)
                     if done and si + 1 < len(cfg.train.stages):  # e.g. grounding.pt: the stage-1-only ablation
                         self.save(self.run_dir / f"{stage.name}.pt", si + 1, 0, epoch, None)
             bar.close()
@@ -298,6 +305,34 @@ class Trainer:
         self.train_set.contrasts = stage.contrasts if stage.clia else 0
         return torch.optim.AdamW(param_groups(self.model, self.criterion, stage), weight_decay=cfg.train.weight_decay)
 
+    def begin_averages(self, stage: StageConfig, state: dict | None, source: Path | None) -> list[WeightAverage]:
+        """The stage's weight averages (`ema` first, then `ema_compare`), continued from a
+        mid-stage `state` when it holds them."""
+        decays = ([stage.ema] if stage.ema else []) + list(stage.ema_compare)
+        averages = [WeightAverage(self.model, d) for d in decays]
+        saved = (state or {}).get("averages")
+        if state is not None and averages:
+            if saved is None or len(saved) != len(averages):
+                raise CheckpointError(f"{source}: saved without the weight averages stage {stage.name!r} keeps")
+            for avg, s in zip(averages, saved, strict=True):
+                try:
+                    avg.load_state_dict(s)
+                except ValueError as e:
+                    raise CheckpointError(f"{source}: {e}") from None
+        return averages
+
+    def end_averages(self, stage: StageConfig, averages: list[WeightAverage], epoch: int, si: int) -> None:
+        """Save the raw weights and each compared average beside the run; the model then holds
+        the stage's `ema` (when set), which the next stage, last.pt and final.pt start from."""
+        raw = {k: v.clone() for k, v in self.model.state_dict().items()}
+        if stage.ema and self.rank == 0:
+            self.save(self.run_dir / f"{stage.name}.raw.pt", si + 1, 0, epoch, None)
+        for avg in averages[1:] if stage.ema else averages:
+            self.model.load_state_dict(avg.averaged_state(self.model))
+            if self.rank == 0:
+                self.save(self.run_dir / f"{stage.name}.ema{avg.decay:g}.pt", si + 1, 0, epoch, None)
+        self.model.load_state_dict(averages[0].averaged_state(self.model) if stage.ema else raw)
+
     def step(self, batch, stage: StageConfig, opt: torch.optim.Optimizer) -> tuple[dict[str, float], torch.Tensor]:
         """One optimisation step on `batch`: (logged loss terms, gradient norm before clipping)."""
         total, logs = self.loss(batch, stage)
@@ -310,11 +345,13 @@ class Trainer:
         opt.step()
         return logs, grad_norm
 
-    def save(self, path: Path, stage: int, step: int, epoch: int, opt) -> None:
+    def save(self, path: Path, stage: int, step: int, epoch: int, opt, averages=None) -> None:
         extra = {"criterion": self.criterion.state_dict(), "stage": stage, "step": step, "epoch": epoch}
         extra["categories"] = self.train_set.categories
         if opt is not None:
             extra["optimizer"] = opt.state_dict()
+        if averages:
+            extra["averages"] = [avg.state_dict() for avg in averages]
         save_checkpoint(path, self.cfg, self.model, extra)
 
 
