@@ -5,6 +5,8 @@
     visual_encoder.onnx   images uint8 [B, H, W, 3] -> boxes, scores, embeddings, num_detections
     *.optimized.onnx      the same graphs after ONNX Runtime's offline optimisation (CPU)
     tokenizer.json        for the `tokenizers` package
+    query_sample.npy      optional: query vectors of training expressions [N, D] f16, which a
+                          gallery fits its search index to (engine/query_space.py)
 
 Opening a bundle verifies every file against the manifest's checksums, so a truncated
 copy or a hand-edited graph is refused by name instead of giving silent wrong answers.
@@ -17,6 +19,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from .encoders import TextEncoder, VisualEncoder
 from .tokenizer import Tokenizer
@@ -79,6 +83,20 @@ class Bundle:
     def input_hw(self) -> tuple[int, int]:
         img = self.manifest["image"]
         return int(img["height"]), int(img["width"])
+
+    def query_sample(self) -> np.ndarray | None:
+        """The bundle's sample of query vectors (float32), or None for a bundle without one."""
+        entry = self.manifest.get("query_sample")
+        if not entry:
+            return None
+        f = self.path / entry["file"]
+        try:
+            sample = np.load(f, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise BundleError(f"{f}: unreadable query sample ({e})") from None
+        if sample.ndim != 2 or sample.shape[1] != self.dim:
+            raise BundleError(f"{f}: query sample of shape {list(sample.shape)}, expected [N, {self.dim}]")
+        return sample.astype(np.float32)
 
     def tokenizer(self) -> Tokenizer:
         t = self.manifest["text"]

@@ -42,6 +42,13 @@ class Engine:
         """Names the embedding space: galleries remember it and refuse queries from another model."""
         return self.bundle.manifest["source"]["sha256"]
 
+    @property
+    def query_sample(self) -> np.ndarray | None:
+        """Query vectors of the bundle's training expressions: what a gallery fits its index to."""
+        if not hasattr(self, "_sample"):
+            self._sample = self.bundle.query_sample()
+        return self._sample
+
     def encode_text(self, texts: list[str]) -> np.ndarray:
         """Query vectors [N, D]; repeated texts (after cleaning) come from an LRU cache."""
         keys = [clean_expression(t) for t in texts]

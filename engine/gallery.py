@@ -1,23 +1,25 @@
-"""A durable gallery: SQLite (WAL) is the source of truth, the usearch index a rebuildable cache.
+"""A durable gallery: SQLite (WAL) is the source of truth, G/index/ a search cache rebuilt from it.
 
-    G/gallery.sqlite     images (path, sha256, size, tags, added), instances (key, image,
-                         box, detection score, raw embedding), meta (dim, dtype, model, generation)
-    G/index.usearch      the ANN index (inner product: the model scores by dot product)
-    G/index.json         which SQLite generation the ANN file reflects
-    G/writer.lock        one writer at a time (flock); readers never block
+    G/gallery.sqlite   images (path, sha256, size, tags, added), instances (key, image, box,
+                       detection score, raw f32 embedding), the query sample, meta
+    G/index/           the search index (engine/gallery_index.py)
+    G/writer.lock      one writer at a time (flock); readers never block
 
-Every write is one SQLite transaction that also bumps `generation`. The ANN file is saved
-atomically (temp + rename) at commit points with the generation it reflects. Opening
-compares the two and brings a stale index up to date from SQLite (or rebuilds a missing or
-unreadable one), so a kill at any moment loses nothing that was committed.
+Every write is one SQLite transaction that also bumps `generation`; the index commits the
+generation it reflects. Opening compares the two and catches the index up from SQLite (or
+rebuilds it), so a kill at any moment loses nothing that was committed.
+
+Search returns what the exact inner-product ranking over the stored vectors returns: the
+index proposes candidates, their scores are computed exactly, and the gallery measures on
+held-out sample queries how many candidates it needs for that (`info()["index"]`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import json
 import os
+import shutil
 import sqlite3
 import threading
 import time
@@ -26,38 +28,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
-from .fsutil import atomic_file, write_json_atomic
+from .gallery_db import SCHEMA, SCHEMA_VERSION, GalleryError, GalleryLocked, connect, query_sample, upgrade
+from .gallery_index import GalleryIndex
+from .index_sync import catch_up, progress_bar, rebuild
 from .protocol import Detections
+from .tag_index import TagIndex
 
-SCHEMA_VERSION = 1
-# Up to this many instance vectors a query scans them all: exact, and about as fast as the graph
-# (448-d f16 on one 2-core EPYC thread: 0.07 ms at 1k vectors, 0.46 ms at 10k, 2.6 ms at 30k).
-# Text queries against image-instance vectors by raw dot product are a hard case for HNSW (see
-# benchmarks/results/*-indexes-*.md), so small galleries should not pay for it in recall.
-EXACT_BELOW = 20_000
-DTYPES = ("f32", "f16", "bf16", "i8")
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS images (
-    id INTEGER PRIMARY KEY, path TEXT NOT NULL, sha256 TEXT NOT NULL UNIQUE,
-    width INTEGER NOT NULL, height INTEGER NOT NULL, bytes INTEGER NOT NULL,
-    tags TEXT NOT NULL DEFAULT '{}', added REAL NOT NULL);
-CREATE TABLE IF NOT EXISTS instances (
-    key INTEGER PRIMARY KEY, image_id INTEGER NOT NULL REFERENCES images(id) ON DELETE CASCADE,
-    x1 REAL NOT NULL, y1 REAL NOT NULL, x2 REAL NOT NULL, y2 REAL NOT NULL,
-    score REAL NOT NULL, embedding BLOB NOT NULL);
-CREATE INDEX IF NOT EXISTS instances_image ON instances(image_id);
-"""
+__all__ = ["DTYPES", "Gallery", "GalleryError", "GalleryLocked", "Hit", "NewImage"]
 
-
-class GalleryError(RuntimeError):
-    pass
-
-
-class GalleryLocked(GalleryError):
-    pass
+DTYPES = ("f16", "f32")
+COMPACT_DEAD = 0.25  # rebuild the index once this share of its rows was removed
 
 
 @dataclass(frozen=True)
@@ -89,12 +70,10 @@ class Gallery:
         self.dtype = meta["dtype"]
         self.model = meta.get("model", "")
         self.bundle = meta.get("bundle", "")  # the bundle that indexed it: the default for searching
-        self.hnsw = json.loads(meta["hnsw"])
-        self.exact_below = EXACT_BELOW  # per process, not stored: a search policy, not the layout
-        self._lock = threading.RLock()  # usearch: serialise writers against readers (#735)
+        self._lock = threading.RLock()  # writers against readers within the process
         self._lock_fd: int | None = None
-        self._local = threading.local()  # one read connection per thread: WAL readers run in parallel
-        self.index = None
+        self.index: GalleryIndex | None = None
+        self.tags = TagIndex()
 
     # -- open / create ------------------------------------------------------------------
     @classmethod
@@ -105,22 +84,19 @@ class Gallery:
         dtype: str = "f16",
         model: str = "",
         bundle: str = "",
-        connectivity: int = 16,
-        expansion_add: int = 128,
-        expansion_search: int = 64,
+        queries: np.ndarray | None = None,
     ) -> Gallery:
         """A new, empty gallery. `model` names the embedding space (the bundle's source hash):
-        vectors from another model would be silently meaningless, so it is checked on use."""
+        vectors from another model would be silently meaningless, so it is checked on use.
+        `queries`: a sample of query vectors the search index is fitted to (the bundle's;
+        without one every search scans all vectors, exact but slow on large galleries)."""
         path = Path(path)
         if dtype not in DTYPES:
             raise GalleryError(f"dtype must be one of {DTYPES}, got {dtype!r}")
-        if dtype == "i8":
-            raise GalleryError("dtype i8 needs a cosine metric in usearch; CLARE scores by raw dot product")
         if (path / "gallery.sqlite").exists():
             raise GalleryError(f"{path}: a gallery already exists here (open it instead)")
         path.mkdir(parents=True, exist_ok=True)
-        db = _connect(path / "gallery.sqlite")
-        hnsw = {"connectivity": connectivity, "expansion_add": expansion_add, "expansion_search": expansion_search}
+        db = connect(path / "gallery.sqlite")
         with db:
             db.executescript(SCHEMA)
             db.executemany(
@@ -131,15 +107,18 @@ class Gallery:
                     ("dtype", dtype),
                     ("model", model),
                     ("bundle", bundle),
-                    ("hnsw", json.dumps(hnsw)),
                     ("generation", "0"),
+                    ("next_image", "1"),
+                    ("next_key", "1"),
                     ("created", str(time.time())),
                 ],
             )
+            _write_sample(db, queries, dim)
         g = cls(path, db, writable=True)
         g._acquire_writer()
-        g.index = g._new_index()
-        g._save_index()
+        shutil.rmtree(path / "index", ignore_errors=True)
+        g.index = GalleryIndex.create(path / "index", dim, dtype)
+        g.index.save(g._generation())
         return g
 
     @classmethod
@@ -149,23 +128,23 @@ class Gallery:
         if not dbfile.is_file():
             raise GalleryError(f"{path}: no gallery here (missing gallery.sqlite; create one with `reir index`)")
         try:
-            db = _connect(dbfile)
-            schema = db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
+            db = connect(dbfile, read_only=not writable)
+            db.execute("SELECT 1 FROM sqlite_master").fetchone()
         except sqlite3.DatabaseError as e:
             raise GalleryError(f"{dbfile}: not a readable gallery database ({e})") from None
-        if schema is None or int(schema[0]) != SCHEMA_VERSION:
-            raise GalleryError(f"{dbfile}: gallery schema {schema and schema[0]}, this reir reads {SCHEMA_VERSION}")
-        g = cls(path, db, writable)
-        if writable:
-            g._acquire_writer()
-        g._load_or_reconcile(progress)
+        lock_fd = _writer_lock(path) if writable else None
+        try:
+            upgraded = upgrade(db, dbfile, writable)
+            g = cls(path, db, writable)
+        except BaseException:
+            db.close()
+            if lock_fd is not None:
+                os.close(lock_fd)
+            raise
+        g._lock_fd = lock_fd
+        g.tags = TagIndex.load(db)
+        g._load_index(progress, rebuild=upgraded)
         return g
-
-    def _reader(self) -> sqlite3.Connection:
-        db = getattr(self._local, "db", None)
-        if db is None:
-            db = self._local.db = _connect(self.path / "gallery.sqlite", read_only=True)
-        return db
 
     def close(self) -> None:
         self.db.close()
@@ -190,61 +169,85 @@ class Gallery:
         return {r[0] for r in rows}
 
     def add(self, images: list[NewImage], save_index: bool = True) -> list[int]:
-        """One transaction: rows for every image and instance; then the ANN index."""
+        """One transaction: rows for every image and instance; then the index."""
         self._require_writer()
-        now = time.time()
-        keys, vectors, ids = [], [], []
-        with self._lock, self.db:
-            for im in images:
-                d = im.detections
-                if d.embeddings.shape[1:] != (self.dim,):
-                    raise GalleryError(f"{im.path}: embedding dim {d.embeddings.shape[1:]} != gallery dim {self.dim}")
-                cur = self.db.execute(
-                    "INSERT INTO images (path, sha256, width, height, bytes, tags, added) VALUES (?,?,?,?,?,?,?)",
-                    (im.path, im.sha256, im.width, im.height, im.bytes, json.dumps(im.tags or {}), now),
-                )
-                ids.append(cur.lastrowid)
-                emb = d.embeddings.astype(np.float32)
-                for box, score, vec in zip(d.boxes, d.scores, emb, strict=True):
-                    cur = self.db.execute(
-                        "INSERT INTO instances (image_id, x1, y1, x2, y2, score, embedding) VALUES (?,?,?,?,?,?,?)",
-                        (ids[-1], *map(float, box), float(score), vec.tobytes()),
-                    )
-                    keys.append(cur.lastrowid)
-                    vectors.append(vec)
-            self._bump_generation()
+        for im in images:
+            if im.detections.embeddings.shape[1:] != (self.dim,):
+                shape = im.detections.embeddings.shape[1:]
+                raise GalleryError(f"{im.path}: embedding dim {shape} != gallery dim {self.dim}")
+        keys, owners, vectors, ids = [], [], [], []
         with self._lock:
+            with self.db:
+                next_image, next_key = self._meta_int("next_image"), self._meta_int("next_key")
+                for im in images:
+                    new = self._insert(im, next_image, next_key, time.time())
+                    ids.append(next_image)
+                    keys += range(next_key, next_key + new)
+                    owners += [next_image] * new
+                    vectors.append(np.asarray(im.detections.embeddings, np.float32))
+                    next_image, next_key = next_image + 1, next_key + new
+                marks = [(str(next_image), "next_image"), (str(next_key), "next_key")]
+                self.db.executemany("UPDATE meta SET value = ? WHERE key = ?", marks)
+                self._bump_generation()
             if keys:
-                self.index.add(np.array(keys, np.uint64), np.stack(vectors), threads=1)
+                self.index.append(np.array(keys), np.array(owners), np.concatenate(vectors))
+            for image_id, im in zip(ids, images, strict=True):
+                self.tags.add(image_id, im.tags)
             if save_index:
                 self._save_index()
         return ids
+
+    def _insert(self, im: NewImage, image_id: int, first_key: int, now: float) -> int:
+        """The image's row and its instances' (keys from first_key); how many instances."""
+        self.db.execute(
+            "INSERT INTO images (id, path, sha256, width, height, bytes, tags, added) VALUES (?,?,?,?,?,?,?,?)",
+            (image_id, im.path, im.sha256, im.width, im.height, im.bytes, json.dumps(im.tags or {}), now),
+        )
+        d = im.detections
+        emb = np.asarray(d.embeddings, np.float32)
+        rows = [
+            (first_key + j, image_id, *map(float, box), float(score), vec.tobytes())
+            for j, (box, score, vec) in enumerate(zip(d.boxes, d.scores, emb, strict=True))
+        ]
+        self.db.executemany("INSERT INTO instances VALUES (?,?,?,?,?,?,?,?)", rows)
+        return len(rows)
 
     def add_images(
         self, images: list, engine, tags: dict[str, str] | None = None, batch: int = 32, progress: bool = False
     ):
         """Detect and add image files (skipping ones already here by content hash); returns
-        the IndexReport (added, skipped with reasons, ...)."""
+        the IndexReport (added, skipped with reasons, ...). A gallery without a query sample
+        takes the engine's bundle's."""
         from .indexer import index_images
 
         return index_images(self, engine, [Path(p) for p in images], tags, batch, progress=progress)
 
     def remove_images(self, ids: list[int]) -> int:
         self._require_writer()
-        with self._lock, self.db:
-            keys = []
-            for i in ids:
-                keys += [r[0] for r in self.db.execute("SELECT key FROM instances WHERE image_id = ?", (int(i),))]
-            n = sum(self.db.execute("DELETE FROM images WHERE id = ?", (int(i),)).rowcount for i in ids)
-            self._bump_generation()
         with self._lock:
-            if keys:
-                self.index.remove(np.array(keys, np.uint64))
+            with self.db:
+                n = sum(self.db.execute("DELETE FROM images WHERE id = ?", (int(i),)).rowcount for i in ids)
+                self._bump_generation()
+            self.index.kill_images(ids)
             self._save_index()
         return n
 
+    def query_sample(self) -> np.ndarray | None:
+        return query_sample(self.db)
+
+    def set_query_sample(self, queries: np.ndarray, progress: bool = False) -> None:
+        """Replace the query vectors the index is fitted to (a bundle's sample, or a
+        deployment's own query log): the index is refitted and re-checked."""
+        self._require_writer()
+        with self._lock:
+            with self.db:
+                self.db.execute("DELETE FROM query_sample")
+                _write_sample(self.db, queries, self.dim)
+                self._bump_generation()
+            self._save_index(progress)
+
     def save(self) -> None:
-        """A commit point for the ANN file (add() with save_index=False defers it)."""
+        """A commit point for the index (add() with save_index=False defers it)."""
         with self._lock:
             self._save_index()
 
@@ -255,58 +258,47 @@ class Gallery:
         k: int = 10,
         per_image: bool = True,
         tags: dict[str, str] | None = None,
-        exact: bool | None = None,
+        exact: bool = False,
     ) -> list[list[Hit]]:
-        """Top-k hits per query vector. per_image: the best instance of each image only
-        (over-fetch, then deduplicate); tags: only images whose tags include all of these;
-        exact: scan every vector instead of walking the graph (default: while the gallery
-        holds at most `exact_below` vectors)."""
+        """Top-k hits per query vector, ranked by the exact dot product. per_image: the best
+        instance of each image only; tags: only images whose tags include all of these;
+        exact: scan every vector instead of asking the index for candidates (the reference
+        the index is checked against; slow on large galleries)."""
         queries = np.atleast_2d(np.asarray(queries, np.float32))
         if queries.shape[1] != self.dim:
             raise GalleryError(f"query dim {queries.shape[1]} != gallery dim {self.dim}")
+        if k < 1:
+            raise GalleryError(f"k must be at least 1, got {k}")
         return [self._search_one(q, k, per_image, tags, exact) for q in queries]
 
-    def _search_one(self, q: np.ndarray, k: int, per_image: bool, tags, exact: bool | None) -> list[Hit]:
+    def _search_one(self, q: np.ndarray, k: int, per_image: bool, tags, exact: bool) -> list[Hit]:
         with self._lock:
-            total = len(self.index)
-        if total == 0 or k <= 0:
-            return []
-        if exact is None:
-            exact = total <= self.exact_below
-        fetch = min(total, k * (4 if per_image or tags else 1))
-        while True:
-            with self._lock:
-                m = self.index.search(q, fetch, threads=1, exact=exact)
-            keys = np.asarray(m.keys)
-            scores = 1.0 - np.asarray(m.distances, np.float64)[: len(keys)]  # usearch "ip" distance = 1 - dot
-            hits = self._hits(keys, scores, per_image, tags, k)
-            if len(hits) >= k or fetch >= total:
-                return hits[:k]
-            fetch = min(total, fetch * 4)
+            rows = None
+            if tags:
+                rows = self.index.store.rows_of_images(self.tags.images(tags))
+                if not len(rows):
+                    return []
+            if self.index.store.live == 0:
+                return []
+            found, scores = self.index.search(q, k, per_image, rows, exact)
+            keys = self.index.store.keys.array[found]
+        return self._hits(keys, scores)
 
-    def _hits(self, keys: np.ndarray, scores: np.ndarray, per_image: bool, tags, k: int) -> list[Hit]:
+    def _hits(self, keys: np.ndarray, scores: np.ndarray) -> list[Hit]:
         if len(keys) == 0:
             return []
-        rows = {}
-        for start in range(0, len(keys), 500):
-            chunk = [int(x) for x in keys[start : start + 500]]
-            q = (
-                "SELECT i.key, i.image_id, i.x1, i.y1, i.x2, i.y2, i.score, m.path, m.tags FROM instances i "
-                f"JOIN images m ON m.id = i.image_id WHERE i.key IN ({','.join('?' * len(chunk))})"
-            )
-            rows.update({r[0]: r for r in self._reader().execute(q, chunk)})
-        hits, seen = [], set()
-        for key, score in zip(keys, scores, strict=True):
-            r = rows.get(int(key))
-            if r is None or (per_image and r[1] in seen):
-                continue  # removed meanwhile, or a weaker instance of an image already listed
-            if tags and any(json.loads(r[8]).get(t) != v for t, v in tags.items()):
-                continue
-            seen.add(r[1])
-            hits.append(Hit(r[1], r[7], (r[2], r[3], r[4], r[5]), float(score), int(key), r[6]))
-            if len(hits) >= k:
-                break
-        return hits
+        chunk = [int(x) for x in keys]
+        q = (
+            "SELECT i.key, i.image_id, i.x1, i.y1, i.x2, i.y2, i.score, m.path FROM instances i "
+            f"JOIN images m ON m.id = i.image_id WHERE i.key IN ({','.join('?' * len(chunk))})"
+        )
+        rows = {r[0]: r for r in self.db.execute(q, chunk)}
+        out = []
+        for key, score in zip(chunk, scores, strict=True):
+            r = rows.get(key)
+            if r is not None:  # None: removed by another process since this one caught up
+                out.append(Hit(r[1], r[7], (r[2], r[3], r[4], r[5]), float(score), key, r[6]))
+        return out
 
     def image(self, image_id: int) -> dict[str, Any] | None:
         r = self.db.execute(
@@ -320,7 +312,8 @@ class Gallery:
     def info(self) -> dict[str, Any]:
         n_img = self.db.execute("SELECT COUNT(*) FROM images").fetchone()[0]
         n_inst = self.db.execute("SELECT COUNT(*) FROM instances").fetchone()[0]
-        files = [self.path / n for n in ("gallery.sqlite", "gallery.sqlite-wal", "index.usearch")]
+        n_sample = self.db.execute("SELECT COUNT(*) FROM query_sample").fetchone()[0]
+        files = [p for p in self.path.rglob("*") if p.is_file()]
         return {
             "path": str(self.path),
             "images": n_img,
@@ -328,132 +321,129 @@ class Gallery:
             "dim": self.dim,
             "dtype": self.dtype,
             "model": self.model,
-            "hnsw": self.hnsw,
             "generation": self._generation(),
-            "ann_vectors": len(self.index),
-            "bytes_on_disk": sum(f.stat().st_size for f in files if f.exists()),
+            "query_sample": n_sample,
+            "index": self.index.describe(self.path / "index"),
+            "bytes_on_disk": sum(f.stat().st_size for f in files),
         }
 
     def check(self) -> list[str]:
-        """Problems found (empty = consistent): the ANN keys against SQLite, and SQLite itself."""
+        """Problems found (empty = consistent): SQLite itself, the index rows against SQLite,
+        and the index's agreement with the exact scan, measured again now."""
         problems = []
         ok = self.db.execute("PRAGMA integrity_check").fetchone()[0]
         if ok != "ok":
             problems.append(f"{self.path / 'gallery.sqlite'}: integrity check: {ok}")
-        db_keys = {r[0] for r in self.db.execute("SELECT key FROM instances")}
+        db_keys = np.array([r[0] for r in self.db.execute("SELECT key FROM instances ORDER BY key")], np.int64)
         with self._lock:
-            ann_keys = {int(x) for x in self.index.keys} if len(self.index) else set()
-        if ann_keys - db_keys:
-            problems.append(f"ANN index holds {len(ann_keys - db_keys)} vector(s) with no instance row")
-        if db_keys - ann_keys:
-            problems.append(f"{len(db_keys - ann_keys)} instance(s) missing from the ANN index")
+            store = self.index.store
+            live = np.sort(store.keys.array[store.alive.array])
+        extra, missing = np.setdiff1d(live, db_keys), np.setdiff1d(db_keys, live)
+        if len(extra):
+            problems.append(f"the index holds {len(extra)} vector(s) with no instance row")
+        if len(missing):
+            problems.append(f"{len(missing)} instance(s) missing from the index")
         orphans = self.db.execute(
             "SELECT COUNT(*) FROM instances WHERE image_id NOT IN (SELECT id FROM images)"
         ).fetchone()[0]
         if orphans:
             problems.append(f"{orphans} instance row(s) whose image is gone")
+        measured = self.measure()
+        if measured is not None and not measured["met"]:
+            a = ", ".join(f"{k} {measured[k]:.4f}" for k in ("top1", "top10", "recall10"))
+            problems.append(f"the index agrees with the exact scan less than its targets ({a}); rebuild it")
         return problems
 
-    def rebuild(self, progress: bool = True) -> None:
-        """Rebuild the ANN index from the embeddings stored in SQLite."""
+    def measure(self) -> dict | None:
+        """Agreement of the index with the exact scan on held-out sample queries, measured
+        now with the index's current candidate sizes (None: no index, searches are exact)."""
         with self._lock:
-            self.index = self._new_index()
-            total = self.db.execute("SELECT COUNT(*) FROM instances").fetchone()[0]
-            bar = tqdm(total=total, desc="rebuilding ANN index", unit="vec", disable=not progress or total == 0)
-            cur = self.db.execute("SELECT key, embedding FROM instances ORDER BY key")
-            while rows := cur.fetchmany(4096):
-                self._add_rows(rows)
-                bar.update(len(rows))
-            bar.close()
-            if self.writable:
-                self._save_index()
+            return self.index.measure(self.query_sample())
+
+    def rebuild(self, progress: bool = True) -> None:
+        """Rebuild the index from the embeddings stored in SQLite."""
+        with self._lock:
+            self._rebuild(progress)
 
     # -- internals ----------------------------------------------------------------------
-    def _add_rows(self, rows: list[tuple[int, bytes]]) -> None:
-        """(key, embedding blob) rows from SQLite into the ANN index."""
-        keys = np.array([r[0] for r in rows], np.uint64)
-        self.index.add(keys, np.stack([np.frombuffer(r[1], np.float32) for r in rows]), threads=1)
-
-    def _new_index(self):
-        Index = _usearch_index()
-        return Index(ndim=self.dim, metric="ip", dtype=self.dtype, **self.hnsw)
+    def _meta_int(self, key: str) -> int:
+        return int(self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()[0])
 
     def _generation(self) -> int:
-        return int(self.db.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()[0])
+        return self._meta_int("generation")
 
     def _bump_generation(self) -> None:
         self.db.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'generation'")
 
-    def _save_index(self) -> None:
-        with atomic_file(self.path / "index.usearch") as tmp:
-            self.index.save(str(tmp))
-        write_json_atomic(self.path / "index.json", {"generation": self._generation(), "vectors": len(self.index)})
-
-    def _load_or_reconcile(self, progress: bool) -> None:
-        ann, side = self.path / "index.usearch", self.path / "index.json"
-        try:
-            stamp = json.loads(side.read_text())
-            index = self._new_index()
-            index.load(str(ann))
-        except (OSError, ValueError, RuntimeError):
-            self.rebuild(progress)  # missing or unreadable: SQLite has every embedding
+    def _save_index(self, progress: bool = False) -> None:
+        idx = self.index
+        if self.writable and idx.store.rows and idx.store.live < (1 - COMPACT_DEAD) * idx.store.rows:
+            self._rebuild(progress)
             return
-        self.index = index
-        if stamp.get("generation") != self._generation():
-            self._catch_up(progress)
+        idx.fit(self.query_sample(), progress_bar(progress, idx.store.rows, "checking the index"))
+        idx.save(self._generation())
 
-    def _catch_up(self, progress: bool) -> None:
-        """Bring a stale ANN file (killed between commit and save) in line with SQLite."""
-        db_keys = {r[0] for r in self.db.execute("SELECT key FROM instances")}
-        ann_keys = {int(x) for x in self.index.keys} if len(self.index) else set()
-        extra, missing = sorted(ann_keys - db_keys), sorted(db_keys - ann_keys)
-        if extra:
-            self.index.remove(np.array(extra, np.uint64))
-        bar = tqdm(total=len(missing), desc="updating ANN index", unit="vec", disable=not progress or not missing)
-        for start in range(0, len(missing), 4096):
-            chunk = missing[start : start + 4096]
-            q = f"SELECT key, embedding FROM instances WHERE key IN ({','.join('?' * len(chunk))})"
-            rows = self.db.execute(q, chunk).fetchall()
-            self._add_rows(rows)
-            bar.update(len(rows))
-        bar.close()
+    def _load_index(self, progress: bool, rebuild: bool) -> None:
+        root = self.path / "index"
         if self.writable:
-            self._save_index()
+            for stray in self.path.glob("index.*"):  # a rebuild a kill interrupted
+                if stray.is_dir():
+                    shutil.rmtree(stray, ignore_errors=True)
+        if not rebuild:
+            try:
+                self.index = GalleryIndex.load(root, self.dim, self.dtype, self.writable)
+            except (OSError, ValueError, KeyError):
+                self.index = None  # missing, unreadable or another version: SQLite has every embedding
+        if self.index is None:
+            self._rebuild(progress)
+            return
+        if self.index.manifest["generation"] != self._generation() and not self._catch_up(progress):
+            self._rebuild(progress)
+            return
+        sample = self.query_sample()
+        if self.writable:
+            self._save_index(progress)
+        else:
+            self.index.fit(sample, progress_bar(progress, self.index.store.rows, "checking the index"))
+
+    def _catch_up(self, progress: bool) -> bool:
+        ok = catch_up(self.index, self.db, progress)
+        if ok:
+            self.tags = TagIndex.load(self.db)
+            self.index.manifest["generation"] = self._generation()
+        return ok
+
+    def _rebuild(self, progress: bool) -> None:
+        self.index = rebuild(self.db, self.path, self.dim, self.dtype, self.writable, self._generation(), progress)
+        self.tags = TagIndex.load(self.db)
 
     def _acquire_writer(self) -> None:
-        lock = self.path / "writer.lock"
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            pid = os.read(fd, 32).decode(errors="replace").strip() or "?"
-            os.close(fd)
-            raise GalleryLocked(f"{self.path}: gallery is being written by pid {pid}; wait for it to finish") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
-        self._lock_fd = fd
+        self._lock_fd = _writer_lock(self.path)
 
     def _require_writer(self) -> None:
         if not self.writable:
             raise GalleryError(f"{self.path}: opened read-only; open with writable=True to change it")
 
 
-def _usearch_index():
-    """usearch's Index class, imported after onnxruntime: importing onnxruntime once usearch
-    (its numkong extension) is loaded segfaults (measured: onnxruntime 1.32, usearch 2.26.6,
-    opening a gallery and then an engine in one process)."""
-    with contextlib.suppress(ImportError):
-        import onnxruntime  # noqa: F401
-    from usearch.index import Index
+def _writer_lock(path: Path) -> int:
+    fd = os.open(path / "writer.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        pid = os.read(fd, 32).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise GalleryLocked(f"{path}: gallery is being written by pid {pid}; wait for it to finish") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    return fd
 
-    return Index
 
-
-def _connect(path: Path, read_only: bool = False) -> sqlite3.Connection:
-    if read_only:
-        return sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
-    db = sqlite3.connect(str(path), check_same_thread=False, timeout=30)
-    db.execute("PRAGMA journal_mode=WAL")
-    db.execute("PRAGMA synchronous=FULL")
-    db.execute("PRAGMA foreign_keys=ON")
-    return db
+def _write_sample(db: sqlite3.Connection, queries: np.ndarray | None, dim: int) -> None:
+    if queries is None:
+        return
+    q = np.atleast_2d(np.asarray(queries, np.float32))
+    if q.shape[1] != dim:
+        raise GalleryError(f"query sample dim {q.shape[1]} != gallery dim {dim}")
+    if not np.isfinite(q).all():
+        raise GalleryError("query sample holds NaN or infinite values")
+    db.executemany("INSERT INTO query_sample (vector) VALUES (?)", [(v.tobytes(),) for v in q])

@@ -78,6 +78,8 @@ def index_images(
     progress: bool = True,
 ) -> IndexReport:
     report = IndexReport()
+    if gallery.query_sample() is None and engine.query_sample is not None:
+        gallery.set_query_sample(engine.query_sample)
     t0 = last_save = time.perf_counter()
     seen: set[str] = set()
     bar = tqdm(total=len(paths), desc="indexing", unit="img", disable=not progress)

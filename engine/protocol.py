@@ -25,6 +25,8 @@ from .metrics.probe import attribute_probe
 
 DetectFn = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]
 EncodeTextFn = Callable[[list[str]], np.ndarray]
+# queries [Q, D], the gallery's detections by image id, k -> ranked instances per query
+RankFn = Callable[[np.ndarray, dict, int], list]
 
 
 @dataclass
@@ -98,8 +100,12 @@ def evaluate_retrieval(
     batch: int = 32,
     progress: bool = True,
     k: int = 100,
+    rank: RankFn | None = None,
 ) -> Report:
-    """The full report on `split`, with the gallery cut to its first `gallery_images` images."""
+    """The full report on `split`, with the gallery cut to its first `gallery_images` images.
+    `rank`: how queries are ranked against the gallery (default: exactly, over arrays in
+    memory; `reir eval --bundle` passes the product's gallery search, and the exact ranking
+    goes into `meta["exact_protocol"]` beside it)."""
     image_ids = ds.gallery_image_ids(split)
     if gallery_images:
         image_ids = image_ids[:gallery_images]
@@ -112,7 +118,8 @@ def evaluate_retrieval(
         if ds.instances[e.instance_id].image_id in kept
     ]
     queries = encode_text([e.text for e in exprs])
-    hits = rank_gallery(queries, gallery_arrays(dets, queries.shape[1]), k=k)
+    exact = rank_gallery(queries, gallery_arrays(dets, queries.shape[1]), k=k)
+    hits = rank(queries, dets, k) if rank is not None else exact
     rec = {}
     for e, q in zip(exprs, queries, strict=True):
         d = dets.get(ds.instances[e.instance_id].image_id)
@@ -120,6 +127,9 @@ def evaluate_retrieval(
             rec[e.id] = d.boxes[int(np.argmax(d.embeddings @ q))]
     sub = restrict(ds, split, kept) if gallery_images else ds
     report = evaluate({e.id: h for e, h in zip(exprs, hits, strict=True)}, sub, split, rec_boxes=rec)
+    if rank is not None:
+        reference = evaluate({e.id: h for e, h in zip(exprs, exact, strict=True)}, sub, split, rec_boxes=rec)
+        report.meta["exact_protocol"] = reference.metrics
     report.probe = attribute_probe(dets, ds.instances_by_image())
     return report
 

@@ -29,6 +29,7 @@ from reir.training.text import load_tokenizer
 from . import gates as G
 from .graphs import OPSET, export_text, export_visual, optimize
 from .precision import to_fp16, to_int8, to_w16
+from .query_sample import expressions, write_query_sample
 from .vocab import kept_ids, trim_embedding, trim_tokenizer
 
 PRECISIONS = ("fp32", "fp16", "w16", "int8")
@@ -180,8 +181,31 @@ def export_bundle(
             if p.is_file() and p.name != "manifest.json"
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        texts, source = _training_expressions(cfg, work_root=out.parent)
+        manifest["query_sample"] = write_query_sample(tmp, texts, source)
+        log(f"query sample: {manifest['query_sample']['count']} vectors ({source})")
     log(f"bundle written: {out} ({precision}, {manifest['export_seconds']} s)")
     return manifest
+
+
+def _training_expressions(cfg, work_root: Path) -> tuple[list[str], str]:
+    """Expressions like the model's training ones: its dataset's train split where it is on
+    disk, else (a synthetic recipe) the same generator's train scenes, regenerated."""
+    import tempfile
+
+    from reir.engine.synth import SynthConfig, generate
+
+    root = Path(cfg.data.root)
+    if (root / "refs.json").is_file():
+        try:
+            return expressions(root, cfg.data.train_split), f"{cfg.data.train_split} expressions of {root.name}"
+        except ValueError:
+            pass
+    with tempfile.TemporaryDirectory(dir=work_root) as tmp:
+        synth = SynthConfig(images=2400, seed=cfg.data.generate_seed, fractions=(1, 0, 0), answers="none")
+        generate(Path(tmp) / "d", synth, progress=False)
+        texts = expressions(Path(tmp) / "d", "train")
+    return texts, f"train expressions of the synthetic generator (seed {cfg.data.generate_seed})"
 
 
 def _tie_routings(model, encode) -> tuple:

@@ -14,8 +14,12 @@ def add_parser(sub) -> None:
         help="export a checkpoint to a gated ONNX bundle; `reir export trt BUNDLE` builds TensorRT engines",
         description="reir export CHECKPOINT --out BUNDLE [...]  |  reir export trt BUNDLE [...]",
     )
-    p.add_argument("source", help="a checkpoint (.pt), or 'trt' / 'triton' followed by a bundle")
-    p.add_argument("bundle", nargs="?", type=Path, help="with 'trt' or 'triton': the bundle directory")
+    p.add_argument("source", help="a checkpoint (.pt), or 'trt' / 'triton' / 'queries' followed by a bundle")
+    p.add_argument("bundle", nargs="?", type=Path, help="with 'trt', 'triton' or 'queries': the bundle directory")
+    p.add_argument("--data", type=Path, help="queries: a dataset whose --split expressions make the query sample")
+    p.add_argument("--split", default="train", help="queries: the split to draw expressions from")
+    p.add_argument("--texts", type=Path, help="queries: a text file, one expression per line (e.g. a query log)")
+    p.add_argument("--samples", type=int, default=4096, help="queries: how many expressions to encode")
     p.add_argument("--gallery", type=Path, help="triton: the gallery `retrieve` serves (its parent = the gallery root)")
     p.add_argument("--out", type=Path, help="bundle directory to write (atomically)")
     p.add_argument(
@@ -64,6 +68,8 @@ def run(args: argparse.Namespace) -> int:
             return _trt(args)
         if args.source == "triton":
             return _triton(args)
+        if args.source == "queries":
+            return _queries(args)
         from reir.training.checkpoint import CheckpointError
 
         from .gates import GateError
@@ -73,6 +79,25 @@ def run(args: argparse.Namespace) -> int:
     except errors as e:
         print(f"reir: error: {e}", file=sys.stderr)
         return 2
+
+
+def _queries(args: argparse.Namespace) -> int:
+    from .query_sample import expressions, write_query_sample
+
+    if args.bundle is None or (args.data is None) == (args.texts is None):
+        raise ValueError("usage: reir export queries BUNDLE (--data DATASET [--split S] | --texts FILE) [--samples N]")
+    if args.texts is not None:
+        try:
+            lines = [t.strip() for t in args.texts.read_text(encoding="utf-8").splitlines() if t.strip()]
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"{args.texts}: cannot read ({e})") from None
+        texts, source = lines[: args.samples], f"{args.texts.name}: {min(len(lines), args.samples)} lines"
+    else:
+        texts = expressions(args.data, args.split, args.samples)
+        source = f"{len(texts)} {args.split} expressions of {args.data.name}"
+    entry = write_query_sample(args.bundle, texts, source)
+    print(f"{args.bundle}: query sample of {entry['count']} vectors ({entry['source']})")
+    return 0
 
 
 def _export(args: argparse.Namespace) -> int:
