@@ -20,12 +20,11 @@ def add_parser(sub) -> None:
     r.add_argument("--bundle", type=Path, help="default: the shipped model")
     r.add_argument("--work", type=Path, help="keep generated galleries here (reused by the next run)")
     r.add_argument(
-        "--full", action="store_true", help="add a 100k-image tier (BR@k on 2,000 drawn queries), f32/i8 indexes at 1M"
+        "--full", action="store_true", help="add a 100k-image tier (BR@k on 2,000 drawn queries) and 10M instances"
     )
     r.add_argument("--sections", default="stages,indexes,two_stage,end_to_end", help="comma-separated subset")
-    r.add_argument("--index-sizes", default="10000,100000,1000000", help="vectors per index comparison")
     r.add_argument(
-        "--connectivity", default="16", help="HNSW graph degrees M to compare, e.g. 16,32 (usearch f16 and FAISS)"
+        "--index-sizes", help="instances per search-at-scale tier (default 50000,250000,1000000; --full adds 10M)"
     )
     r.add_argument("--rerender", type=Path, metavar="JSON", help="redraw figures and markdown from a stored JSON")
     st = bench.add_parser("steps", help="training-step cost of a recipe vs a variant (--set), side by side")
@@ -65,15 +64,14 @@ def run(args: argparse.Namespace) -> int:
             print(f"reir: error: --sections: unknown {bad or 'none given'}; choose from {SECTIONS}", file=sys.stderr)
             return 2
         try:
-            sizes = tuple(int(v) for v in args.index_sizes.split(","))
-            degrees = tuple(int(v) for v in args.connectivity.split(","))
+            sizes = tuple(int(v) for v in args.index_sizes.split(",")) if args.index_sizes else None
         except ValueError:
-            print("reir: error: --index-sizes and --connectivity take comma-separated integers", file=sys.stderr)
+            print("reir: error: --index-sizes takes comma-separated integers", file=sys.stderr)
             return 2
-        if min(sizes) < 100 or min(degrees) < 2:
-            print("reir: error: --index-sizes must be >= 100 and --connectivity >= 2", file=sys.stderr)
+        if sizes and min(sizes) < 100:
+            print("reir: error: --index-sizes must be >= 100", file=sys.stderr)
             return 2
-        run_report(args.out, args.bundle, args.work, args.full, sections, index_sizes=sizes, connectivity=degrees)
+        run_report(args.out, args.bundle, args.work, args.full, sections, index_sizes=sizes)
         return 0
     from .common import machine
     from .report import slug

@@ -179,3 +179,26 @@ def encoded_gallery(
         texts,
         z["queries"],
     )
+
+
+def build_gallery(g: EncodedGallery, n_images: int, path: Path, sample: np.ndarray | None, tags: bool = False):
+    """A real gallery (SQLite + index) of the first `n_images` encoded images, without running
+    the visual encoder again. Its image ids are 1..n in order: image id i is g.image_ids[i - 1]."""
+    import shutil
+
+    from reir.engine.gallery import Gallery, NewImage
+    from reir.engine.protocol import Detections
+
+    shutil.rmtree(path, ignore_errors=True)
+    gal = Gallery.create(path, g.embeddings.shape[1], "f16", model="benchmark", queries=sample)
+    batch = []
+    for j, image_id in enumerate(g.image_ids[:n_images]):
+        lo, hi = g.offsets[j], g.offsets[j + 1]
+        dets = Detections(g.boxes[lo:hi], g.scores[lo:hi], g.embeddings[lo:hi])
+        batch.append(NewImage(f"{int(image_id)}", f"{int(image_id):064x}", 128, 128, 0, dets, None))
+        if len(batch) == 2000:
+            gal.add(batch, save_index=False)
+            batch = []
+    gal.add(batch, save_index=False)
+    gal.save()
+    return gal

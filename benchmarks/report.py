@@ -1,9 +1,11 @@
 """`reir bench report`: every macro benchmark in one run, written as
 benchmarks/results/<machine>-<date>.json + .md + figures (PNG, each naming its machine).
 
-Sections: where the time goes (stages, indexing throughput), vector indexes at 10k/100k/1M
-(usearch vs FAISS vs numpy), CLARE vs the two-stage pipeline by gallery size, and end-to-end
-serving (embedded, Triton gRPC/HTTP) at concurrency 1/4/16. Results are written only when
+Sections: where the time goes (stages, indexing throughput), search at scale (the gallery's
+index vs the exact scan, usearch HNSW and FAISS IVF at 50k/250k/1M instances, 10M with
+--full; a filtered search), CLARE vs the two-stage pipeline by gallery size (accuracy
+through the gallery's search and the exact protocol), and end-to-end serving (embedded,
+Triton gRPC/HTTP) at concurrency 1/4/16. Results are written only when
 every section finished (a partial run leaves `<name>.partial.json`, never a report).
 """
 
@@ -24,7 +26,6 @@ from .figures import figures
 from .markdown import render
 
 SECTIONS = ("stages", "indexes", "two_stage", "end_to_end")
-INDEX_SIZES = (10_000, 100_000, 1_000_000)
 
 
 def slug(m: dict) -> str:
@@ -39,9 +40,8 @@ def run_report(
     full: bool = False,
     sections: tuple[str, ...] = SECTIONS,
     tiers: tuple[int, ...] | None = None,
-    index_sizes: tuple[int, ...] = INDEX_SIZES,
+    index_sizes: tuple[int, ...] | None = None,
     requests: int = 400,
-    connectivity: tuple[int, ...] = (indexes.CONNECTIVITY,),
 ) -> Path:
     """Run `sections` and write the report; returns the JSON path. `tiers`: gallery sizes
     (images) of the two-stage comparison, default 1k and 10k (+ 100k with `full`)."""
@@ -74,12 +74,7 @@ def run_report(
         "command": "reir bench report"
         + (" --full" if full else "")
         + (f" --sections {','.join(sections)}" if tuple(sections) != SECTIONS else "")
-        + (f" --index-sizes {','.join(map(str, index_sizes))}" if tuple(index_sizes) != INDEX_SIZES else "")
-        + (
-            f" --connectivity {','.join(map(str, connectivity))}"
-            if tuple(connectivity) != (indexes.CONNECTIVITY,)
-            else ""
-        )
+        + (f" --index-sizes {','.join(map(str, index_sizes))}" if index_sizes else "")
         + ("" if own_work else f" --work {work}"),
         # galleries and encodings found in --work are reused, and their time is not in the total
         "reused": []
@@ -103,14 +98,13 @@ def run_report(
                     "indexing": stages.indexing_throughput(b, g),
                 }
             elif section == "indexes":
-                report["indexes"] = indexes.run(
-                    g.embeddings, g.queries, index_sizes, full=full, connectivity=connectivity
-                )
+                sizes = index_sizes or (indexes.FULL_SIZES if full else indexes.SIZES)
+                report["indexes"] = indexes.run(g, b.query_sample(), sizes, work / "indexes")
             elif section == "two_stage":
-                report["two_stage"] = two_stage.run(g, b, tiers)
+                report["two_stage"] = two_stage.run(g, b, tiers, work)
                 if big:
                     g_big = encoded_gallery(b, big, work, answer_sample=two_stage.N_ACCURACY)
-                    report["two_stage"] += two_stage.run(g_big, b, [big])
+                    report["two_stage"] += two_stage.run(g_big, b, [big], work)
             elif section == "end_to_end":
                 e2e_work = work / "e2e"
                 shutil.rmtree(e2e_work, ignore_errors=True)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import EncodedGallery, time_each
+from .common import EncodedGallery, build_gallery, time_each
 
 
 def _median_ms(seconds: list[float]) -> float:
@@ -19,27 +19,15 @@ def _median_ms(seconds: list[float]) -> float:
 
 
 def query_stages(bundle, g: EncodedGallery, n_images: int, work: Path, n_queries: int = 200) -> dict:
-    """tokenize → text encoder → ANN search → hit metadata (SQLite), one query at a time, on a
-    gallery of `n_images` images loaded from the encoded benchmark gallery."""
-    from reir.engine.gallery import Gallery, NewImage
-    from reir.engine.protocol import Detections
-
-    ds = g.dataset()
-    gal = Gallery.create(work / f"stages-{n_images}", g.embeddings.shape[1], "f16", model="benchmark")
-    rows = []
-    for j, image_id in enumerate(g.image_ids[:n_images]):
-        lo, hi = g.offsets[j], g.offsets[j + 1]
-        path = ds.image_path(int(image_id))
-        dets = Detections(g.boxes[lo:hi], g.scores[lo:hi], g.embeddings[lo:hi])
-        rows.append(NewImage(str(path), f"{int(image_id):064x}", 128, 128, path.stat().st_size, dets))
-    gal.add(rows)
+    """tokenize → text encoder → index search (candidates, exact re-rank) → hit metadata
+    (SQLite), one query at a time, on a gallery of `n_images` encoded benchmark images."""
+    gal = build_gallery(g, n_images, work / f"stages-{n_images}", bundle.query_sample())
     tok, text = bundle.tokenizer(), bundle.text_encoder(threads=1)
     texts = [[t] for t in g.texts[:n_queries]]
     tokenize = time_each(tok, texts)
     encode = time_each(text, texts)  # includes tokenizing: subtracted below
     queries = text([t[0] for t in texts])
-    fetch = 40  # Gallery.search over-fetches 4x for per-image results at k = 10
-    ann = time_each(lambda q: gal.index.search(q, fetch, threads=1), list(queries))
+    ann = time_each(lambda q: gal.index.search(q, 10, True, None, False), list(queries))
     total = time_each(lambda q: gal.search(q[None], k=10), list(queries))
     gal.close()
     tokenize_ms, encode_ms, ann_ms = _median_ms(tokenize), _median_ms(encode), _median_ms(ann)
@@ -74,7 +62,7 @@ def image_stages(bundle, g: EncodedGallery, batch: int = 32, n_images: int = 256
 
 
 def indexing_throughput(bundle, g: EncodedGallery, n_images: int = 256) -> list[dict]:
-    """`Gallery.add_images` (hash, read, detect, SQLite + ANN) in images/s by batch and threads."""
+    """`Gallery.add_images` (hash, read, detect, SQLite + index) in images/s by batch and threads."""
     from reir.engine.engine import Engine
     from reir.engine.gallery import Gallery
 

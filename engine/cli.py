@@ -66,6 +66,12 @@ def add_parsers(sub) -> None:
     p = g.add_parser("remove", help="remove images by id")
     p.add_argument("gallery", type=Path)
     p.add_argument("ids", type=int, nargs="+")
+    p = g.add_parser(
+        "sample", help="refit the index to your own queries: encode a query log as the gallery's query sample"
+    )
+    p.add_argument("gallery", type=Path)
+    p.add_argument("--texts", type=Path, required=True, help="one expression per line (e.g. a query log)")
+    p.add_argument("--bundle", type=Path, help="default: the gallery's bundle, else the shipped model")
 
     t = sub.add_parser("triton", help="Triton model repository tools").add_subparsers(
         dest="triton_command", required=True
@@ -199,19 +205,42 @@ def _gallery(args: argparse.Namespace) -> int:
     from reir.engine.gallery import Gallery
 
     cmd = args.gallery_command
-    with Gallery.open(args.gallery, writable=cmd in ("rebuild", "remove")) as g:
+    with Gallery.open(args.gallery, writable=cmd in ("rebuild", "remove", "sample")) as g:
         if cmd == "info":
             print(json.dumps(g.info(), indent=2))
         elif cmd == "check":
             problems = g.check()
             for p in problems:
                 print(f"problem: {p}")
+            m = g.measure()
+            if m is None:
+                print("search: every query scans all vectors (no index: too small, or no query sample)")
+            else:
+                print(
+                    f"search agrees with the exact scan on {m['queries']} held-out sample queries: "
+                    f"top-1 {m['top1']:.4f}, top-10 images {m['top10']:.4f}, instance recall@10 {m['recall10']:.4f}"
+                )
             print(
                 "consistent"
                 if not problems
-                else f"{len(problems)} problem(s); `reir gallery rebuild` repairs the ANN index"
+                else f"{len(problems)} problem(s); `reir gallery rebuild` repairs the index"
             )
             return 1 if problems else 0
+        elif cmd == "sample":
+            from reir.engine.engine import Engine
+
+            try:
+                texts = [t.strip() for t in args.texts.read_text(encoding="utf-8").splitlines() if t.strip()]
+            except (OSError, UnicodeDecodeError) as e:
+                raise ValueError(f"{args.texts}: cannot read ({e})") from None
+            if len(texts) < 64:
+                raise ValueError(f"{args.texts}: {len(texts)} expressions; a query sample needs at least 64")
+            engine = Engine.open(_bundle_for(g, args.bundle))
+            if g.model and g.model != engine.model_id:
+                raise ValueError(f"{args.gallery}: indexed with another model than {engine.bundle.path}")
+            g.set_query_sample(engine.encode_text(texts), progress=True)
+            m = g.info()["index"]
+            print(f"query sample: {len(texts)} expressions; index {m['kind']}, agreement {m.get('agreement')}")
         elif cmd == "rebuild":
             g.rebuild(progress=True)
             print(f"rebuilt: {g.info()['ann_vectors']} vectors")

@@ -86,9 +86,6 @@ class GalleryIndex:
     def kill_images(self, image_ids: list[int]) -> None:
         self.store.kill(self.store.rows_of_images(np.asarray(image_ids, np.int64)))
 
-    def kill_keys(self, keys: np.ndarray) -> None:
-        self.store.kill(np.flatnonzero(np.isin(self.store.keys.array, keys)))
-
     def fit(self, sample: np.ndarray | None, progress=None) -> None:
         """Train the projected index when there is a query sample and enough rows, and
         re-measure its agreement when it is new or the gallery has grown."""
