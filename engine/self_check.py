@@ -9,9 +9,9 @@ equal scores comes first is not an error.
 
 The gallery runs `calibrate` whenever it (re)builds its index or has doubled since the
 last run: a held-out part of its query sample is searched exactly and through the index
-with growing candidate sets until the targets hold, and the stage-1 size found is doubled
-(MARGIN). The targets sit above what the project promises (top-1 0.99, top-10 0.98), so a
-sample's noise does not eat the margin.
+with growing candidate sets until the targets hold, every stage-1 size doubled (MARGIN).
+The targets sit above what the project promises (top-1 0.99, top-10 0.98), so a sample's
+noise does not eat the margin.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 TIE = 1e-5  # relative
-TARGETS = {"top1": 0.997, "top10": 0.997, "recall10": 0.997}
+TARGETS = {"top1": 0.995, "top10": 0.99, "recall10": 0.99}
 # (k_factor, rerank): stage 1 keeps k_factor x rerank rows, stage 2 keeps rerank for the exact
 # re-rank. Tried cheapest first: a stage-2 row costs about a tenth of a re-ranked one.
 SCHEDULE = tuple(
@@ -107,7 +107,7 @@ def calibrate(
     for k_factor, rerank in schedule:
         missed = np.zeros(3)
         for i, q in enumerate(queries):
-            missed += 1 - np.array(query_agreement(search(q, rerank, k_factor), exact[i], images))
+            missed += 1 - np.array(query_agreement(search(q, rerank, k_factor * MARGIN), exact[i], images))
             if (missed > budget).any():  # cannot meet the targets any more: the next setting
                 break
         a = Agreement(*(1 - missed / len(queries)), len(queries)) if i == len(queries) - 1 else None
@@ -119,10 +119,16 @@ def calibrate(
             break
     if "top1" not in tried[-1]:  # nothing met them: the last setting's full figures, for the record
         k_factor, rerank = schedule[-1]
-        a = agreement([search(q, rerank, k_factor) for q in queries], exact, images)
+        a = agreement([search(q, rerank, k_factor * MARGIN) for q in queries], exact, images)
         tried[-1] = {"k_factor": k_factor, "rerank": rerank, **a.as_dict()}
     best = dict(tried[-1])
     best["k_factor"] *= MARGIN
+    lat = []
+    for q in queries[:64]:
+        t = time.perf_counter()
+        search(q, best["rerank"], best["k_factor"])
+        lat.append(time.perf_counter() - t)
+    best["p50_ms"] = round(1000 * float(np.median(lat)), 3)
     return {
         **best,
         "margin": MARGIN,

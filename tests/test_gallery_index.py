@@ -1,0 +1,163 @@
+"""The gallery's index as a cache of SQLite: old versions, removals, compaction, numbering,
+the query space. Real SQLite files and real faiss codes; vectors drawn at random."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+
+import numpy as np
+import pytest
+
+from reir.engine.gallery import Gallery, GalleryError, NewImage
+from reir.engine.protocol import Detections
+
+DIM = 48
+
+
+def _images(rng, n: int, start: int = 0, per: int = 12, tags=None, dim: int = DIM) -> list[NewImage]:
+    out = []
+    for i in range(start, start + n):
+        emb = rng.standard_normal((per, dim)).astype(np.float32) * rng.uniform(0.5, 3.0)
+        dets = Detections(rng.random((per, 4)) * 100, rng.random(per), emb)
+        out.append(NewImage(f"img{i}.png", f"{i:064x}", 100, 100, 10, dets, tags))
+    return out
+
+
+def _sample(rng, n: int = 1024, dim: int = DIM) -> np.ndarray:
+    """Queries that live in a 12-d subspace, as a text head's do."""
+    basis = np.linalg.qr(rng.standard_normal((dim, 12)))[0].T
+    return (rng.standard_normal((n, 12)) @ basis).astype(np.float32)
+
+
+def _exact_keys(g: Gallery, q: np.ndarray, k: int) -> list[int]:
+    rows = g.db.execute("SELECT key, embedding FROM instances").fetchall()
+    keys = np.array([r[0] for r in rows])
+    emb = np.stack([np.frombuffer(r[1], np.float32) for r in rows]).astype(np.float16).astype(np.float32)
+    s = emb @ q
+    return keys[np.lexsort((keys, -s))][:k].tolist()
+
+
+def test_large_gallery_uses_its_index_and_agrees(tmp_path):
+    """Big enough (60,000 rows of 256-d) that the index beats a scan, so the index answers."""
+    rng = np.random.default_rng(0)
+    sample = _sample(rng, dim=256)
+    g = Gallery.create(tmp_path / "g", 256, queries=sample)
+    for start in range(0, 2500, 500):
+        g.add(_images(rng, 500, start, per=24, dim=256), save_index=False)
+    g.save()
+    info = g.info()["index"]
+    assert info["kind"] == "projected" and info["agreement"]["met"], info
+    assert info["query_space"]["dims"] >= 12 and info["query_space"]["energy"] >= 0.99
+    lat = info["latency_at_calibration_ms"]
+    assert lat["index_p50"] < lat["exact_p50"]  # why the index serves: measured, not assumed
+    for q in _sample(np.random.default_rng(1), 30, dim=256):  # held out: another draw from the same space
+        assert [h.instance_key for h in g.search(q, k=5, per_image=False)[0]] == _exact_keys(g, q, 5)
+    g.close()
+
+
+def test_small_gallery_is_served_by_the_faster_exact_scan(tmp_path):
+    rng = np.random.default_rng(6)
+    g = Gallery.create(tmp_path / "g", DIM, queries=_sample(rng))
+    g.add(_images(rng, 300))
+    info = g.info()["index"]
+    assert info["agreement"]["met"]
+    if info["kind"] == "exact scan":  # what the calibration timed decides; either way the answers are exact
+        lat = info["latency_at_calibration_ms"]
+        assert lat["exact_p50"] <= lat["index_p50"]
+    for q in _sample(np.random.default_rng(1), 10):
+        assert [h.instance_key for h in g.search(q, k=5, per_image=False)[0]] == _exact_keys(g, q, 5)
+    g.close()
+
+
+def test_a_query_unlike_the_sample_is_searched_exactly(tmp_path):
+    rng = np.random.default_rng(2)
+    g = Gallery.create(tmp_path / "g", DIM, queries=_sample(rng))
+    g.add(_images(rng, 300))
+    q = rng.standard_normal(DIM).astype(np.float32)  # most of its norm outside the sample's space
+    assert g.index.projected.space.residual(q)[0] > g.index.manifest["projected"]["residual_limit"]
+    assert [h.instance_key for h in g.search(q, k=5, per_image=False)[0]] == _exact_keys(g, q, 5)
+    g.close()
+
+
+def test_removal_compaction_and_numbers_never_reused(tmp_path):
+    rng = np.random.default_rng(3)
+    g = Gallery.create(tmp_path / "g", DIM, queries=_sample(rng))
+    ids = g.add(_images(rng, 200))
+    last_key = g.db.execute("SELECT MAX(key) FROM instances").fetchone()[0]
+    assert g.remove_images([ids[-1]]) == 1
+    new = g.add(_images(rng, 1, start=500))
+    assert (
+        new[0] > ids[-1]
+        and g.db.execute("SELECT MIN(key) FROM instances WHERE image_id = ?", new).fetchone()[0] > last_key
+    )
+    rows_before = g.index.store.rows
+    g.remove_images(ids[:120])  # past a quarter of the rows: the index is rebuilt without them
+    assert g.index.store.rows < rows_before and g.index.store.rows == g.index.store.live
+    q = _sample(np.random.default_rng(4), 1)[0]
+    hits = g.search(q, k=20)[0]
+    assert not {h.image_id for h in hits} & set(ids[:120]) and g.check() == []
+    g.close()
+    with Gallery.open(tmp_path / "g") as again:
+        assert [h.instance_key for h in again.search(q, k=20)[0]] == [h.instance_key for h in hits]
+
+
+def test_schema_1_gallery_is_upgraded_by_a_writer_and_refused_to_a_reader(tmp_path):
+    """A gallery written before the query-space index: its SQLite rows are kept, its HNSW file
+    dropped, its index rebuilt; a read-only open names the command that upgrades it."""
+    rng = np.random.default_rng(5)
+    path = tmp_path / "old"
+    path.mkdir()
+    db = sqlite3.connect(path / "gallery.sqlite")
+    db.executescript(
+        """
+        CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+        CREATE TABLE images (id INTEGER PRIMARY KEY, path TEXT NOT NULL, sha256 TEXT NOT NULL UNIQUE,
+            width INTEGER NOT NULL, height INTEGER NOT NULL, bytes INTEGER NOT NULL,
+            tags TEXT NOT NULL DEFAULT '{}', added REAL NOT NULL);
+        CREATE TABLE instances (key INTEGER PRIMARY KEY, image_id INTEGER NOT NULL REFERENCES images(id)
+            ON DELETE CASCADE, x1 REAL NOT NULL, y1 REAL NOT NULL, x2 REAL NOT NULL, y2 REAL NOT NULL,
+            score REAL NOT NULL, embedding BLOB NOT NULL);
+        """
+    )
+    meta = {"schema": "1", "dim": str(DIM), "dtype": "bf16", "model": "m", "bundle": "", "generation": "7"}
+    meta["hnsw"] = json.dumps({"connectivity": 16, "expansion_add": 128, "expansion_search": 64})
+    db.executemany("INSERT INTO meta VALUES (?, ?)", meta.items())
+    for i, im in enumerate(_images(rng, 40), start=1):
+        db.execute("INSERT INTO images VALUES (?,?,?,?,?,?,?,?)", (i, im.path, im.sha256, 100, 100, 10, "{}", 0.0))
+        for box, score, vec in zip(im.detections.boxes, im.detections.scores, im.detections.embeddings, strict=True):
+            db.execute(
+                "INSERT INTO instances (image_id, x1, y1, x2, y2, score, embedding) VALUES (?,?,?,?,?,?,?)",
+                (i, *map(float, box), float(score), vec.tobytes()),
+            )
+    db.commit()
+    db.close()
+    (path / "index.usearch").write_bytes(b"an HNSW graph this version no longer reads")
+    (path / "index.json").write_text('{"generation": 7}')
+    with pytest.raises(GalleryError, match=r"older reir \(gallery schema 1\).*reir gallery rebuild"):
+        Gallery.open(path)
+    with Gallery.open(path, writable=True) as g:
+        assert g.info()["images"] == 40 and g.info()["instances"] == 480 and g.dtype == "f16"
+        assert not (path / "index.usearch").exists() and g.check() == []
+        q = rng.standard_normal(DIM).astype(np.float32)
+        assert [h.instance_key for h in g.search(q, k=5, per_image=False)[0]] == _exact_keys(g, q, 5)
+        added = g.add(_images(rng, 1, start=99))
+        assert added == [41]
+    with Gallery.open(path) as g:  # upgraded: readable by anyone now
+        assert g.info()["images"] == 41
+
+
+def test_bad_query_sample_is_refused_by_name(tmp_path):
+    with pytest.raises(GalleryError, match="query sample dim 7 != gallery dim 48"):
+        Gallery.create(tmp_path / "a", DIM, queries=np.zeros((10, 7), np.float32))
+    bad = np.ones((10, DIM), np.float32)
+    bad[3, 5] = np.nan
+    with pytest.raises(GalleryError, match="NaN or infinite"):
+        Gallery.create(tmp_path / "b", DIM, queries=bad)
+
+
+def test_search_refuses_k_below_one(tmp_path):
+    g = Gallery.create(tmp_path / "g", DIM)
+    with pytest.raises(GalleryError, match="k must be at least 1, got 0"):
+        g.search(np.zeros(DIM, np.float32), k=0)
+    g.close()
