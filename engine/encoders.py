@@ -60,12 +60,13 @@ class TextEncoder:
     def __call__(self, texts: list[str]) -> np.ndarray:
         return self.encode(texts)[0]
 
-    def encode(self, texts: list[str]) -> tuple[np.ndarray, list[bool]]:
-        """Query vectors and, per text, whether it was truncated at the model's max length."""
+    def encode(self, texts: list[str], cleaned: bool = False) -> tuple[np.ndarray, list[bool]]:
+        """Query vectors and, per text, whether it was truncated at the model's max length.
+        `cleaned`: the texts already went through clean_expression (the engine's cache did it)."""
         out, truncated = [], []
         for start in range(0, len(texts), self.batch):
             chunk = texts[start : start + self.batch]
-            ids, mask, trunc = self.tokenizer(chunk)
+            ids, mask, trunc = self.tokenizer(chunk, cleaned)
             n = len(chunk)
             if self.static_batch and n < self.static_batch:  # fixed-shape graphs: pad the batch
                 ids = np.concatenate([ids, np.repeat(ids[-1:], self.static_batch - n, 0)])

@@ -51,25 +51,29 @@ class Engine:
 
     def encode_text(self, texts: list[str]) -> np.ndarray:
         """Query vectors [N, D]; repeated texts (after cleaning) come from an LRU cache."""
+        return self.encode(texts)[0]
+
+    def encode(self, texts: list[str]) -> tuple[np.ndarray, list[bool]]:
+        """Query vectors [N, D] and, per text, whether it was truncated at the model's max
+        length. Each text is cleaned once: the cache key is what the tokenizer encodes."""
         keys = [clean_expression(t) for t in texts]
         todo = sorted({k for k in keys if k not in self._cache})
         if todo:
-            for key, vec in zip(todo, self.text(todo), strict=True):
-                self._cache[key] = vec
+            vecs, truncated = self.text.encode(todo, cleaned=True)
+            for key, vec, cut in zip(todo, vecs, truncated, strict=True):
+                self._cache[key] = (vec, cut)
                 if len(self._cache) > self._cache_size:
                     self._cache.popitem(last=False)
-        out = []
+        out, cut = [], []
         for k in keys:
             self._cache.move_to_end(k)
-            out.append(self._cache[k])
-        return np.stack(out) if out else np.zeros((0, self.dim), np.float32)
-
-    def truncated(self, texts: list[str]) -> list[bool]:
-        """Which texts exceed the model's max length (they are encoded truncated)."""
-        return self.text.tokenizer(texts)[2]
+            out.append(self._cache[k][0])
+            cut.append(self._cache[k][1])
+        return (np.stack(out) if out else np.zeros((0, self.dim), np.float32)), cut
 
     def detect(self, images: list) -> list[Detections]:
-        """Per image (path or uint8 RGB array [H, W, 3]): kept instances, boxes in its own pixels.
+        """Per image (a path, a decoded PIL image, or a uint8 RGB array [H, W, 3]): kept
+        instances, boxes in its own pixels.
 
         Raises ImageError naming the image when one cannot be read."""
         h, w = self.bundle.input_hw

@@ -13,7 +13,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 from PIL import Image as PILImage
 from tqdm import tqdm
 
@@ -111,7 +110,7 @@ def index_images(
                 continue
             fresh.append((p, sha, len(data), img))
         if fresh:
-            dets = engine.detect([np.asarray(img) for _, _, _, img in fresh])
+            dets = engine.detect([img for _, _, _, img in fresh])  # decoded once, resized once
             news = [
                 NewImage(str(Path(p).resolve()), sha, img.width, img.height, n, d, tags)
                 for (p, sha, n, img), d in zip(fresh, dets, strict=True)

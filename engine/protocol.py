@@ -1,4 +1,4 @@
-"""The evaluation protocol (clare.md §3), written once against two callables so that the
+"""The evaluation protocol (docs/task-and-metrics.md), written once against two callables so that the
 PyTorch model, the ONNX graphs and a Triton server are scored by the same code.
 
 `detect(uint8 [B, H, W, 3]) -> (boxes [B, K, 4] in input pixels, scores [B, K],

@@ -17,6 +17,7 @@ class Retriever:
         if gallery.dim != engine.dim:
             raise GalleryError(f"{gallery.path}: dim {gallery.dim} != the bundle's {engine.dim}")
         self.engine, self.gallery = engine, gallery
+        self.last_truncated: list[bool] = []  # per expression of the last search: cut at the max length
 
     def search(
         self, expression: str | list[str], k: int = 10, per_image: bool = True, tags: dict[str, str] | None = None
@@ -27,5 +28,8 @@ class Retriever:
         for t in texts:
             if not t or not t.strip():
                 raise ValueError("empty expression")
-        hits = self.gallery.search(self.engine.encode_text(texts), k, per_image, tags)
+        if k < 1:
+            raise ValueError(f"k must be at least 1, got {k}")
+        queries, self.last_truncated = self.engine.encode(texts)
+        hits = self.gallery.search(queries, k, per_image, tags)
         return hits if many else hits[0]

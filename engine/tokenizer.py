@@ -25,9 +25,9 @@ class Tokenizer:
             self.tok.enable_padding(pad_id=pad_id, pad_token=pad_token)
         self.max_length = max_length
 
-    def __call__(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray, list[bool]]:
+    def __call__(self, texts: list[str], cleaned: bool = False) -> tuple[np.ndarray, np.ndarray, list[bool]]:
         """ids [B, L] int64, attention mask [B, L] int64, and which texts were truncated."""
-        encs = self.tok.encode_batch([clean_expression(t) for t in texts])
+        encs = self.tok.encode_batch(texts if cleaned else [clean_expression(t) for t in texts])
         ids = np.array([e.ids for e in encs], dtype=np.int64).reshape(len(texts), -1)
         mask = np.array([e.attention_mask for e in encs], dtype=np.int64).reshape(len(texts), -1)
         return ids, mask, [bool(e.overflowing) for e in encs]

@@ -1,4 +1,4 @@
-"""Start a real `tritonserver` on CPU from the `nvidia-pytriton` wheel (deployment.md §3).
+"""Start a real `tritonserver` on CPU from the `nvidia-pytriton` wheel (docs/environment.md).
 
 The wheel bundles Triton 2.51 with only the python backend, so the repository runs with
 `--model-config-name pyort` (ONNX Runtime inside python models). The python backend's stub

@@ -1,7 +1,7 @@
 """The two ONNX graphs, traced from `training.postprocess` with the legacy exporter.
 
 The legacy (TorchScript) exporter is used on purpose: it honours `BatchedNMS.symbolic`,
-which emits ONNX `NonMaxSuppression` (environment.md §3); the dynamo exporter fails on
+which emits ONNX `NonMaxSuppression` (docs/environment.md); the dynamo exporter fails on
 the data-dependent NMS loop. Opset 17: GridSample (16) and LayerNormalization (17).
 """
 

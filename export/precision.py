@@ -1,4 +1,4 @@
-"""FP16 and INT8 variants of the fp32 graphs (deployment.md §5).
+"""FP16 and INT8 variants of the fp32 graphs (docs/deployment.md).
 
 FP16 is a GPU format (slower on ORT CPU): ops whose precision the result depends on stay
 fp32 — the converter's default block list (NonMaxSuppression, TopK, Resize, ...) plus

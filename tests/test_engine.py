@@ -255,3 +255,46 @@ def test_unpad_scales_to_original_pixels_and_clips_to_the_image():
     (d,) = unpad((boxes, scores, emb, num), [(256, 64)], (128, 128))  # original 256 wide, 64 high
     np.testing.assert_allclose(d.boxes, [[20.0, 10.0, 140.0, 30.0], [0.0, 50.0, 256.0, 64.0]])
     assert d.scores.tolist() == [0.9, 0.8] and d.embeddings.shape == (2, 4)
+
+
+def test_search_refuses_k_below_one_by_name(engine, images, tmp_path):
+    from reir.engine.indexer import index_images
+
+    _, paths = images
+    g = Gallery.create(tmp_path / "g", engine.dim, model=engine.model_id)
+    index_images(g, engine, paths[:3], progress=False)
+    g.close()
+    for k in ("0", "-5"):
+        res = _reir("search", "the red circle", "--gallery", str(tmp_path / "g"), "-k", k)
+        assert res.returncode == 2 and f"-k must be at least 1, got {k}" in res.stderr, res.stderr
+        assert "Traceback" not in res.stderr and "(the gallery is empty)" not in res.stdout
+
+
+def test_truncation_comes_from_the_one_encoding(engine, images, tmp_path):
+    """The engine cleans and tokenizes each text once; the truncation flag comes with the vector."""
+    from reir.engine.indexer import index_images
+    from reir.engine.retriever import Retriever
+
+    _, paths = images
+    long = "the small red circle left of the blue star " * 20
+    vecs, cut = engine.encode(["The red circle.", long])
+    assert cut == [False, True] and np.array_equal(vecs[0], engine.encode_text(["the red circle"])[0])
+    g = Gallery.create(tmp_path / "g", engine.dim, model=engine.model_id)
+    index_images(g, engine, paths[:3], progress=False)
+    r = Retriever(engine, g)
+    r.search(long, k=2)
+    assert r.last_truncated == [True]
+    r.search(["a red circle", long], k=2)
+    assert r.last_truncated == [False, True]
+    g.close()
+
+
+def test_decoded_images_are_detected_as_their_files(engine, images):
+    """The indexer hands the decoded image straight to the engine (no array round trip)."""
+    from reir.engine.image import read_rgb
+
+    _, paths = images
+    a = engine.detect([paths[1]])[0]
+    b = engine.detect([read_rgb(paths[1])])[0]
+    np.testing.assert_array_equal(a.boxes, b.boxes)
+    np.testing.assert_array_equal(a.embeddings, b.embeddings)

@@ -125,21 +125,51 @@ def test_async_client(setup, server):
 @needs_server
 def test_bad_requests_get_errors_and_the_server_stays_up(setup, server):
     import tritonclient.grpc as g
+    import tritonclient.http as h
 
     from reir.engine.triton_client import TritonError, TritonRetriever
 
     client = g.InferenceServerClient(server.grpc_url)
+    http = h.InferenceServerClient(server.http_url)
 
     def infer(model, inputs):
         with pytest.raises(Exception) as err:
             client.infer(model, inputs)
         return str(err.value)
 
+    def client_error(inputs, why):
+        """The client's mistakes come back as INVALID_ARGUMENT / HTTP 400 with the message, not 500."""
+        with pytest.raises(Exception) as err:
+            client.infer("retrieve", inputs)
+        assert err.value.status() == "StatusCode.INVALID_ARGUMENT" and why in str(err.value), err.value
+        hin = []
+        for t in inputs:
+            arr = np.array([[v] for v in t._raw_values], dtype=object)
+            x = h.InferInput(t.name(), list(arr.shape), "BYTES")
+            x.set_data_from_numpy(arr)
+            hin.append(x)
+        with pytest.raises(Exception) as err:
+            http.infer("retrieve", hin)
+        assert err.value.status() == 400 and why in str(err.value), err.value
+
     def text_input(name, values):
         arr = np.array([[v] for v in values], dtype=object)
         t = g.InferInput(name, list(arr.shape), "BYTES")
         t.set_data_from_numpy(arr)
+        t._raw_values = values  # for the same request over HTTP
         return t
+
+    def k_input(k):
+        t = g.InferInput("K", [1, 1], "INT32")
+        t.set_data_from_numpy(np.array([[k]], np.int32))
+        return t
+
+    client_error([text_input("TEXT", [b"   "])], "empty expression")
+    client_error([text_input("TEXT", [b"a red circle"]), text_input("GALLERY", [b"nope"])], "no gallery named")
+    client_error([text_input("TEXT", [b"a red circle"]), text_input("GALLERY", [b"../../etc"])], "outside")
+    with pytest.raises(Exception) as err:
+        client.infer("retrieve", [text_input("TEXT", [b"a red circle"]), k_input(0)])
+    assert err.value.status() == "StatusCode.INVALID_ARGUMENT" and "K must be in [1, 100], got 0" in str(err.value)
 
     assert "empty expression" in infer("retrieve", [text_input("TEXT", [b"   "])])
     ids = g.InferInput("input_ids", [1, 4], "INT32")  # wrong dtype
@@ -192,6 +222,41 @@ def test_cli_search_through_the_server(server):
     )
     assert res.returncode == 0, res.stderr
     assert len([line for line in res.stdout.splitlines() if line.strip()[:1].isdigit()]) == 3
+
+
+@needs_server
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_stopping_reir_serve_leaves_no_process_behind(setup, sig):
+    """What systemd, `docker stop` and Kubernetes do: signal the wrapper. The server, its
+    process group (the python stubs) and its ports go with it."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    from reir.engine.triton_server import free_port
+
+    repo, _ = setup
+    ports = [free_port() for _ in range(3)]
+    cmd = [sys.executable, "-m", "reir.cli", "serve", "--repository", str(repo), "--python", str(SERVER_PYTHON)]
+    cmd += ["--http-port", str(ports[0]), "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2])]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        line = ""
+        while not line.startswith("ready:"):
+            line = proc.stdout.readline()
+            assert line, "reir serve exited before it was ready"
+        server_pid = int(line.rsplit("(pid ", 1)[1].split(")")[0])
+        proc.send_signal(getattr(signal, sig))
+        assert proc.wait(timeout=60) != 0 or sig == "SIGINT"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    with pytest.raises(ProcessLookupError):  # no process left in the server's group: server and stubs
+        os.killpg(server_pid, 0)
+    for port in ports:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))  # free again: the next start can have them
 
 
 @needs_server

@@ -1,4 +1,4 @@
-"""Box operations in plain torch (no torchvision: see environment.md)."""
+"""Box operations in plain torch (no torchvision: see docs/environment.md)."""
 
 from __future__ import annotations
 

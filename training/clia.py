@@ -1,4 +1,4 @@
-"""CLIA: contrastive language-instance alignment (clare.md §6.1).
+"""CLIA: contrastive language-instance alignment (docs/model.md).
 
 Sigmoid pairwise loss between every local query (B images x M queries) and every
 text of the *global* batch (G ranks x B texts):

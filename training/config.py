@@ -2,7 +2,7 @@
 
 An unknown key or a wrong type fails before any work starts, naming the key path
 (`train.stages[1].lr: expected float, got 'fast'`). Defaults follow the paper where
-it applies (clare.md); CPU recipes override sizes in `configs/*.yaml`.
+it applies (docs/model.md); CPU recipes override sizes in `configs/*.yaml`.
 """
 
 from __future__ import annotations
@@ -139,7 +139,7 @@ class TrainConfig:
     batch_size: int = 16
     weight_decay: float = 1e-4
     grad_clip: float = 0.1
-    bf16: bool = False  # measure per recipe (environment.md §5)
+    bf16: bool = False  # measure per recipe (docs/environment.md)
     channels_last: bool = False
     log_every: int = 20
     ckpt_every: int = 500

@@ -15,7 +15,7 @@ starts from the plain decoder state. Text-free and per image: galleries still in
 
 Measured on the CPU recipe, the own-box term carries the head's whole gain, and training
 closes the neighbour gates: zeroing the neighbour term of the trained v8 model changes
-nothing (`context_probe.py`, benchmarks/results/synth.md "Session 9"). A target of its own
+nothing (`context_probe.py`, benchmarks/results/synth-history.md "Session 9"). A target of its own
 (`neighbours.py`) keeps the gates open; the queries have yet to learn to read it ("Session 10").
 """
 

@@ -5,7 +5,7 @@ The last decoder layer's instance embedding is the decoder state plus two added 
 from one object to the next cannot tell objects apart, whatever its size, so this reports,
 over the confident objects of a few images, each part's spread: the RMS of its deviation
 from its mean across objects. v8's context term spreads about 12 times less than the
-decoder state: its gates had closed (benchmarks/results/synth.md, "Session 9").
+decoder state: its gates had closed (benchmarks/results/synth-history.md, "Session 9").
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """SetCriterion: every loss term of both stages, on every decoder layer and the encoder
-proposals (deep supervision). Weights follow clare.md §6 (LossConfig).
+proposals (deep supervision). Weights as in docs/model.md (LossConfig).
 
 | term | what | stage |
 |---|---|---|

@@ -1,4 +1,4 @@
-"""PyTorch evaluation with the clean, text-free gallery protocol (clare.md §3).
+"""PyTorch evaluation with the clean, text-free gallery protocol (docs/task-and-metrics.md).
 
 The model runs through `postprocess.Detector` and `TextQuery`, the very modules the
 exporter traces, and is scored by `reir.engine.protocol`, the code that also scores the

@@ -1,4 +1,4 @@
-"""MORE: Mix of Relation Experts (clare.md §5).
+"""MORE: Mix of Relation Experts (docs/model.md).
 
     shared = W_s x + b_s;  g = softmax(W_g x + b_g);  (v, idx) = topk(g, K)   (not renormalised)
     routed = sum_r v_r (W_idx_r x + b_idx_r);  T = (1 - w) shared + w routed

@@ -7,7 +7,7 @@ with the scene's exact facts: mean per-fact AUC, and the BCE against per-fact ba
 Text half: for the split's relation texts, the mean probability the readout gives the facts a
 text asks against the others. Ranking across a gallery needs near-certain facts: a relation
 query's answer must beat every look-alike on two or three facts at once
-(benchmarks/results/synth.md, "Session 10").
+(benchmarks/results/synth-history.md, "Session 10").
 """
 
 from __future__ import annotations

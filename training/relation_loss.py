@@ -10,7 +10,7 @@ logical forms (the synthetic benchmark).
   relation logits: cross-entropy.
 
 CLIA alone would have to discover both through the retrieval score, where the slots are at
-first noise (the instance context's gates shut that way: synth.md, Session 9). These terms
+first noise (the instance context's gates shut that way: synth-history.md, Session 9). These terms
 give them exact targets from step one. Real data without logical forms skips them; CLIA
 still trains the slots end to end.
 """

@@ -3,7 +3,7 @@
 Across images, "the circle left of a red star" must be answered by one dot product with the
 circle's own embedding. The instance context (context.py) adds learned neighbour sums into
 the same dimensions the attributes live in; training shut its gates, because the query had
-no way to ask for what they hold (benchmarks/results/synth.md, Sessions 9 and 10).
+no way to ask for what they hold (benchmarks/results/synth-history.md, Sessions 9 and 10).
 
 Here the instance embedding is extended by one slot per spatial relation r (left of, right
 of, above, below, next to). Slot r of instance i sums, over the other queries j of its

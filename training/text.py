@@ -63,7 +63,7 @@ class TextEncoder(nn.Module):
         self.scratch = cfg.encoder in SCRATCH
         self.siglip = cfg.encoder == "siglip_b16_scratch"
         if self.siglip:
-            # SigLIP ViT-B/16 text tower sizes (clare.md §4.2), random weights: shapes and tests.
+            # SigLIP ViT-B/16 text tower sizes (docs/model.md), random weights: shapes and tests.
             conf = SiglipTextConfig(
                 vocab_size=32000,
                 hidden_size=768,
@@ -127,7 +127,7 @@ class TextEncoder(nn.Module):
 
     def features(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
         """(normalised sentence embedding [B, dim], token states [B, L, hidden_dim]) from one pass."""
-        # Keyword arguments: the legacy ONNX exporter trips over positional ones (environment.md §4).
+        # Keyword arguments: the legacy ONNX exporter trips over positional ones (docs/environment.md).
         if self.siglip:  # last-token pooling + head, no attention mask (as SigLIP)
             out = self.model(input_ids=input_ids)
             return F.normalize(out.pooler_output, dim=-1), out.last_hidden_state

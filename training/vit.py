@@ -1,4 +1,4 @@
-"""A plain ViT backbone with the simple feature pyramid (clare.md §4.1), for GPU recipes.
+"""A plain ViT backbone with the simple feature pyramid (docs/model.md), for GPU recipes.
 
 Parameter names follow timm's VisionTransformer (`patch_embed.proj`, `pos_embed`,
 `blocks.N.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,mlp.fc2}`, `norm`), so a SigLIP

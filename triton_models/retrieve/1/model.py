@@ -1,4 +1,4 @@
-"""Triton python model `retrieve` (BLS): expressions -> encode_query -> usearch gallery -> hits.
+"""Triton python model `retrieve` (BLS): expressions -> encode_query -> gallery search -> hits.
 
 Inputs (per request, batch B): TEXT strings [B, 1], or pre-tokenised INPUT_IDS and
 ATTENTION_MASK [B, L] to skip the string path; optional K [B, 1] (default: parameter
@@ -6,6 +6,10 @@ ATTENTION_MASK [B, L] to skip the string path; optional K [B, 1] (default: param
 `gallery_root` (default: `default_gallery`). A name that escapes the root is refused.
 Outputs, padded to K per query: IMAGE_IDS (-1 = no hit), BOXES xyxy in original pixels,
 SCORES, INSTANCE_KEYS, DETECTION_SCORES, PATHS; TRUNCATED says an expression exceeded the max length.
+
+A request the client got wrong (empty text, K out of range, an unknown gallery or one
+outside the root, missing inputs) is answered INVALID_ARG (HTTP 400, gRPC INVALID_ARGUMENT);
+anything else is the server's fault and stays INTERNAL, so monitoring can tell them apart.
 """
 
 import json
@@ -15,6 +19,10 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from reir.engine.gallery import Gallery
+
+
+class ClientError(ValueError):
+    """The request is wrong: the client's to fix."""
 
 
 class TritonPythonModel:
@@ -30,10 +38,10 @@ class TritonPythonModel:
     def gallery(self, name):
         path = (self.root / (name or self.default_gallery)).resolve()
         if not path.is_relative_to(self.root):
-            raise ValueError(f"gallery {name!r} is outside the configured gallery root")
+            raise ClientError(f"gallery {name!r} is outside the configured gallery root")
         if path not in self.galleries:
             if not (path / "gallery.sqlite").is_file():
-                raise ValueError(f"no gallery named {name or self.default_gallery!r} under the gallery root")
+                raise ClientError(f"no gallery named {name or self.default_gallery!r} under the gallery root")
             self.galleries[path] = Gallery.open(path, progress=False)
         return self.galleries[path]
 
@@ -45,15 +53,18 @@ class TritonPythonModel:
             ids = pb_utils.get_input_tensor_by_name(req, "INPUT_IDS")
             mask = pb_utils.get_input_tensor_by_name(req, "ATTENTION_MASK")
             if ids is None or mask is None:
-                raise ValueError("send TEXT, or INPUT_IDS and ATTENTION_MASK")
+                raise ClientError("send TEXT, or INPUT_IDS and ATTENTION_MASK")
             inputs, model = (
                 [pb_utils.Tensor("input_ids", ids.as_numpy()), pb_utils.Tensor("attention_mask", mask.as_numpy())],
                 "text_encoder",
             )
         names = ["query", "truncated"] if model == "encode_query" else ["query"]
         res = pb_utils.InferenceRequest(model_name=model, requested_output_names=names, inputs=inputs).exec()
-        if res.has_error():
-            raise ValueError(res.error().message())
+        if res.has_error():  # the encoder's verdict decides whose fault it is
+            err = res.error()
+            if err.code() == pb_utils.TritonError.INVALID_ARG:
+                raise ClientError(err.message())
+            raise RuntimeError(err.message())
         q = pb_utils.get_output_tensor_by_name(res, "query").as_numpy()
         t = pb_utils.get_output_tensor_by_name(res, "truncated")
         trunc = t.as_numpy().reshape(-1) if t is not None else np.zeros(len(q), bool)
@@ -68,7 +79,7 @@ class TritonPythonModel:
                 g_in = pb_utils.get_input_tensor_by_name(req, "GALLERY")
                 k = int(k_in.as_numpy().reshape(-1)[0]) if k_in is not None else self.default_k
                 if not 1 <= k <= self.max_k:
-                    raise ValueError(f"K must be in [1, {self.max_k}], got {k}")
+                    raise ClientError(f"K must be in [1, {self.max_k}], got {k}")
                 name = g_in.as_numpy().reshape(-1)[0] if g_in is not None else b""
                 name = name.decode("utf-8") if isinstance(name, bytes) else str(name)
                 hits = self.gallery(name).search(q, k=k)
@@ -95,6 +106,9 @@ class TritonPythonModel:
                     pb_utils.Tensor("TRUNCATED", np.asarray(trunc, bool).reshape(b, 1)),
                 ]
                 out.append(pb_utils.InferenceResponse(output_tensors=tensors))
+            except ClientError as e:
+                error = pb_utils.TritonError(f"retrieve: {e}", pb_utils.TritonError.INVALID_ARG)
+                out.append(pb_utils.InferenceResponse(error=error))
             except Exception as e:
                 out.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"retrieve: {e}")))
         return out

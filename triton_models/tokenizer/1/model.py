@@ -27,8 +27,10 @@ class TritonPythonModel:
             try:
                 raw = pb_utils.get_input_tensor_by_name(req, "TEXT").as_numpy().reshape(-1)
                 texts = [t.decode("utf-8") if isinstance(t, bytes) else str(t) for t in raw]
-                if any(not t.strip() for t in texts):
-                    raise ValueError("empty expression")
+                if any(not t.strip() for t in texts):  # the client's error: INVALID_ARG (HTTP 400)
+                    error = pb_utils.TritonError("tokenizer: empty expression", pb_utils.TritonError.INVALID_ARG)
+                    out.append(pb_utils.InferenceResponse(error=error))
+                    continue
                 ids, mask, truncated = self.tok(texts)
                 out.append(
                     pb_utils.InferenceResponse(
