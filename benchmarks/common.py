@@ -7,19 +7,25 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
+import shutil
 import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import numpy as np
 
+from reir.datasets import load_dataset
+from reir.datasets.synth import SynthConfig, generate
+from reir.engine.detections import Detections
+from reir.engine.gallery import Gallery, NewImage
+from reir.evaluation.protocol import encode_gallery
+
 
 def machine() -> dict[str, object]:
     """CPU, cores, memory, GPU and package versions: stored with every result."""
-    from importlib.metadata import PackageNotFoundError, version
-
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -106,8 +112,6 @@ class EncodedGallery:
     def dataset(self):
         """The generated dataset, loaded once (2.5M instances at 100k images take a while)."""
         if self._dataset is None:
-            from reir.engine.data import load_dataset
-
             self._dataset = load_dataset(self.root)
         return self._dataset
 
@@ -119,9 +123,6 @@ def encoded_gallery(
 
     `answer_sample` N > 0 gives exact answer sets to N drawn expressions only: their cost
     grows with expressions x images (minutes at 10k images for all, hours at 100k)."""
-    from reir.engine.data import load_dataset
-    from reir.engine.protocol import encode_gallery
-    from reir.engine.synth import SynthConfig, generate
 
     root = work / f"synth-{images}-{seed}-e1{f'-a{answer_sample}' if answer_sample else ''}"
     model = bundle.manifest["files"]["visual_encoder.onnx"]["sha256"][:12]
@@ -184,10 +185,6 @@ def encoded_gallery(
 def build_gallery(g: EncodedGallery, n_images: int, path: Path, sample: np.ndarray | None, tags: bool = False):
     """A real gallery (SQLite + index) of the first `n_images` encoded images, without running
     the visual encoder again. Its image ids are 1..n in order: image id i is g.image_ids[i - 1]."""
-    import shutil
-
-    from reir.engine.gallery import Gallery, NewImage
-    from reir.engine.protocol import Detections
 
     shutil.rmtree(path, ignore_errors=True)
     gal = Gallery.create(path, g.embeddings.shape[1], "f16", model="benchmark", queries=sample)

@@ -23,6 +23,16 @@ from pathlib import Path
 
 import numpy as np
 
+from reir.datasets.synth import SynthConfig, generate
+from reir.engine.bundle import default_bundle
+from reir.engine.engine import Engine
+from reir.engine.fsutil import write_json_atomic
+from reir.engine.gallery import Gallery
+from reir.engine.retriever import Retriever
+from reir.engine.triton_client import TritonRetriever
+from reir.engine.triton_server import TritonServer
+from reir.export.triton import write_repository
+
 from .common import summarise_ms, time_each
 
 CONCURRENCY = (1, 4, 16)
@@ -43,10 +53,6 @@ def _run(make_search, texts: list[str], concurrency: int) -> dict[str, float]:
 def run(bundle: Path, work: Path, images: int = 1000, requests: int = 400, python: Path | None = None) -> dict:
     """Rows keyed `<server>_c<concurrency>`; Triton rows are left out (with the reason) when
     its environment is missing."""
-    from reir.engine.engine import Engine
-    from reir.engine.gallery import Gallery
-    from reir.engine.retriever import Retriever
-    from reir.engine.synth import SynthConfig, generate
 
     ds, _ = generate(work / "data", SynthConfig(images=images, seed=78, fractions=(0, 0, 1)), progress=False)
     engine = Engine.open(bundle, threads=1)
@@ -75,9 +81,6 @@ def run(bundle: Path, work: Path, images: int = 1000, requests: int = 400, pytho
     if not python.exists():
         out["triton_skipped"] = f"{python} not found (make triton-env builds tritonserver's environment)"
         return out
-    from reir.engine.triton_client import TritonRetriever
-    from reir.engine.triton_server import TritonServer
-    from reir.export.triton import write_repository
 
     repo = write_repository(bundle, work / "repo", work / "galleries", "main")
     with TritonServer(repo, python, "pyort") as server:
@@ -88,8 +91,6 @@ def run(bundle: Path, work: Path, images: int = 1000, requests: int = 400, pytho
 
 
 def main(argv: list[str] | None = None) -> int:
-    from reir.engine.cli import default_bundle
-
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--bundle", type=Path)
     ap.add_argument("--images", type=int, default=1000)
@@ -103,8 +104,6 @@ def main(argv: list[str] | None = None) -> int:
         out["cores"] = os.cpu_count()
         print(json.dumps(out, indent=2))
         if args.json:
-            from reir.engine.fsutil import write_json_atomic
-
             write_json_atomic(args.json, out)
     finally:
         shutil.rmtree(work, ignore_errors=True)

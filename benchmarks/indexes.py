@@ -24,8 +24,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import faiss
 import numpy as np
 from tqdm import tqdm
+
+from reir.engine.detections import Detections
+from reir.engine.gallery import Gallery, NewImage
+from reir.engine.self_check import TIE, agreement
 
 from .common import EncodedGallery, summarise_ms
 
@@ -90,8 +95,6 @@ def measure(
     search: Callable[[np.ndarray], np.ndarray], x: np.ndarray, q: np.ndarray, exact: list, images: np.ndarray
 ) -> dict:
     """Agreement and latency of `search(q) -> candidate rows` (scored exactly here)."""
-    from reir.engine.self_check import agreement
-
     for v in q[:5]:
         search(v)
     found, lat = [], []
@@ -122,8 +125,6 @@ def _row(n: int, design: str, setting, build_s: float, resident: float, disk: fl
 def gallery_rows(n: int, x, images, boxes, scores, q, exact, sample, work: Path) -> tuple[list[dict], dict]:
     """The product: a real gallery (SQLite + index), its default search and its curve, and a
     filtered search."""
-    from reir.engine.gallery import Gallery, NewImage
-    from reir.engine.protocol import Detections
 
     path = work / f"gallery-{n}"
     shutil.rmtree(path, ignore_errors=True)
@@ -175,7 +176,6 @@ def gallery_rows(n: int, x, images, boxes, scores, q, exact, sample, work: Path)
 def filtered(g, q: np.ndarray, k: int) -> dict:
     """A tag filter keeping 1 % of the images: agreement with the exact filtered ranking and
     latency beside the unfiltered search, in one run."""
-    from reir.engine.self_check import TIE
 
     tags = {"bucket": "7"}
     lat_f, lat_u, top1, top10 = [], [], [], []
@@ -204,8 +204,6 @@ def filtered(g, q: np.ndarray, k: int) -> dict:
 
 
 def exact_rows(n: int, x, q, exact, images, fetch: int) -> list[dict]:
-    import faiss
-
     faiss.omp_set_num_threads(1)
     t = time.perf_counter()
     flat = faiss.IndexScalarQuantizer(x.shape[1], faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT)
@@ -235,8 +233,6 @@ def usearch_rows(n: int, x, q, exact, images, fetch: int) -> list[dict]:
 
 
 def ivf_rows(n: int, x, q, exact, images, fetch: int) -> list[dict]:
-    import faiss
-
     faiss.omp_set_num_threads(2)
     nlist = int(4 * np.sqrt(n))
     t = time.perf_counter()

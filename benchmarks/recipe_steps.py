@@ -15,6 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from reir.engine.fsutil import write_bytes_atomic
+from reir.training.config import load_config
+from reir.training.config import parse_overrides as overrides
+from reir.training.trainer import Trainer
 
 from .common import machine
 
@@ -28,10 +31,6 @@ def compare_steps(
     shared: list[str] = (),
 ) -> dict[str, Any]:
     """`variant`: KEY=VALUE overrides of the second config; `shared`: overrides of both."""
-    from reir.training.cli import overrides
-    from reir.training.config import load_config
-    from reir.training.trainer import Trainer
-
     base_cfg = load_config(config, overrides(list(shared)))
     var_cfg = load_config(config, overrides([*shared, *variant]))
     recipe, other = Trainer(base_cfg, progress=False), Trainer(var_cfg, progress=False)

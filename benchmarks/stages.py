@@ -11,6 +11,10 @@ from pathlib import Path
 
 import numpy as np
 
+from reir.engine.engine import Engine
+from reir.engine.gallery import Gallery
+from reir.engine.image import read_rgb, resize_rgb
+
 from .common import EncodedGallery, build_gallery, time_each
 
 
@@ -43,8 +47,6 @@ def query_stages(bundle, g: EncodedGallery, n_images: int, work: Path, n_queries
 
 def image_stages(bundle, g: EncodedGallery, batch: int = 32, n_images: int = 256) -> dict:
     """Per image at batch 32: read + decode + resize, visual encoder (NMS in the graph)."""
-    from reir.engine.image import read_rgb, resize_rgb
-
     ds = g.dataset()
     h, w = bundle.input_hw
     paths = [ds.image_path(int(i)) for i in g.image_ids[:n_images]]
@@ -63,9 +65,6 @@ def image_stages(bundle, g: EncodedGallery, batch: int = 32, n_images: int = 256
 
 def indexing_throughput(bundle, g: EncodedGallery, n_images: int = 256) -> list[dict]:
     """`Gallery.add_images` (hash, read, detect, SQLite + index) in images/s by batch and threads."""
-    from reir.engine.engine import Engine
-    from reir.engine.gallery import Gallery
-
     ds = g.dataset()
     paths = [ds.image_path(int(i)) for i in g.image_ids[:n_images]]
     cores = os.cpu_count() or 1

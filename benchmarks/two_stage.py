@@ -24,12 +24,15 @@ from __future__ import annotations
 
 import shutil
 import time
+from dataclasses import replace
 
+import faiss
 import numpy as np
 from tqdm import tqdm
 
-from reir.engine.metrics import Hits, evaluate
-from reir.engine.protocol import restrict
+from reir.engine.image import read_rgb, resize_rgb
+from reir.evaluation import Hits, evaluate
+from reir.evaluation.protocol import restrict
 
 from .common import EncodedGallery, build_gallery, summarise_ms
 
@@ -91,17 +94,11 @@ def accuracy(
 
 
 def _only(ds, expr_ids: set[int]):
-    from dataclasses import replace
-
     return replace(ds, expressions={i: e for i, e in ds.expressions.items() if i in expr_ids})
 
 
 def latency(g: EncodedGallery, bundle, gallery, n_images: int, m: int, texts: list[str], threads: int = 0) -> dict:
     """Per-query latency of both pipelines over `texts` (one query at a time)."""
-    import faiss
-
-    from reir.engine.image import read_rgb, resize_rgb
-
     ds = g.dataset()
     text, visual = bundle.text_encoder(threads=threads), bundle.visual_encoder(threads=threads)
     h, w = bundle.input_hw

@@ -15,16 +15,17 @@ from pathlib import Path
 
 import numpy as np
 
+from reir.engine.bundle import Bundle
+from reir.engine.fsutil import write_json_atomic
+
+from .common import time_each
+
 
 def _median_ms(fn, arg, repeat: int) -> float:
-    from .common import time_each
-
     return round(1000 * float(np.median(time_each(fn, [arg] * repeat, warmup=1))), 2)
 
 
 def measure(path: Path, threads: int, repeat: int = 30) -> dict:
-    from reir.engine.bundle import Bundle
-
     b = Bundle.open(path)
     m = b.manifest
     text, visual = b.text_encoder(threads=threads), b.visual_encoder(threads=threads)
@@ -65,8 +66,6 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         print("| " + " | ".join(str(r[k]) for k in keys) + " |")
     if args.json:
-        from reir.engine.fsutil import write_json_atomic
-
         write_json_atomic(args.json, {"threads": args.threads, "cores": os.cpu_count(), "rows": rows})
     return 0
 

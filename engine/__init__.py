@@ -1,5 +1,6 @@
-"""reir.engine: the runtime (no torch). The main classes load lazily, so `reir data ...`
-does not pay for onnxruntime or usearch imports."""
+"""reir.engine: the serving runtime (no torch, no datasets, no metrics: a serving host or a
+Jetson installs it alone). The main classes load lazily, so importing one module does not
+pay for onnxruntime or faiss."""
 
 from __future__ import annotations
 

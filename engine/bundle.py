@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,12 @@ VERSION = 1
 
 class BundleError(RuntimeError):
     pass
+
+
+def default_bundle() -> Path:
+    """The bundle shipped with the package (models/synth, exported from configs/synth.yaml)."""
+
+    return Path(str(files("reir.models") / "synth"))
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

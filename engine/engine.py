@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 
 from .bundle import Bundle
+from .detections import Detections, unpad
+from .expressions import clean_expression
 from .image import ImageError, read_rgb, resize_rgb
-from .protocol import Detections, unpad
-from .text import clean_expression
 
 
 class Engine:

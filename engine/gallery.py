@@ -29,10 +29,10 @@ from typing import Any
 
 import numpy as np
 
+from .detections import Detections
 from .gallery_db import SCHEMA, SCHEMA_VERSION, GalleryError, GalleryLocked, connect, query_sample, upgrade
 from .gallery_index import GalleryIndex
 from .index_sync import catch_up, progress_bar, rebuild
-from .protocol import Detections
 from .tag_index import TagIndex
 
 __all__ = ["DTYPES", "Gallery", "GalleryError", "GalleryLocked", "Hit", "NewImage"]
@@ -218,7 +218,7 @@ class Gallery:
         """Detect and add image files (skipping ones already here by content hash); returns
         the IndexReport (added, skipped with reasons, ...). A gallery without a query sample
         takes the engine's bundle's."""
-        from .indexer import index_images
+        from .indexer import index_images  # the indexer imports this module
 
         return index_images(self, engine, [Path(p) for p in images], tags, batch, progress=progress)
 

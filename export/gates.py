@@ -12,11 +12,11 @@ from pathlib import Path
 
 import numpy as np
 
-from reir.engine.data import Dataset
+from reir.datasets import Dataset
+from reir.datasets.synth import SynthConfig, generate
 from reir.engine.image import read_rgb, resize_rgb
-from reir.engine.metrics import pairwise_iou
-from reir.engine.protocol import DetectFn, EncodeTextFn, evaluate_retrieval
-from reir.engine.synth import SynthConfig, generate
+from reir.evaluation import pairwise_iou
+from reir.evaluation.protocol import DetectFn, EncodeTextFn, evaluate_retrieval
 
 PROBE_SEED = 61  # a seed no recipe trains on
 PARITY_IMAGES = 32

@@ -10,6 +10,8 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
+import onnx
+import onnxruntime as ort
 import torch
 
 from reir.training.model import CLARE
@@ -63,16 +65,12 @@ def _export(module, args, path: Path, inputs: list[str], outputs: list[str], dyn
 
 def check(path: Path) -> None:
     """onnx.checker + shape inference, written back so consumers see every shape."""
-    import onnx
-
     onnx.checker.check_model(str(path), full_check=True)
     onnx.shape_inference.infer_shapes_path(str(path), str(path), check_type=True, strict_mode=True)
 
 
 def optimize(path: Path, out: Path) -> None:
     """An offline ORT-optimised copy (extended level: portable across CPUs, fast start-up)."""
-    import onnxruntime as ort
-
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
     opts.optimized_model_filepath = str(out)

@@ -24,14 +24,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+from onnxruntime.quantization import QuantType, quantize_dynamic
+from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+
 FP16_EXTRA_BLOCK = ["Sigmoid", "Softmax", "LayerNormalization"]
 
 
 def to_fp16(src: Path, dst: Path, extra_block: list[str] | None = None) -> None:
     """`extra_block`: more op types to keep fp32 (e.g. LayerNormalization, Softmax)."""
-    import onnx
-    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
-
     model = onnx.load(str(src))
     block = DEFAULT_OP_BLOCK_LIST + FP16_EXTRA_BLOCK + list(extra_block or [])
     fp16 = convert_float_to_float16(model, keep_io_types=True, op_block_list=block)
@@ -39,8 +42,6 @@ def to_fp16(src: Path, dst: Path, extra_block: list[str] | None = None) -> None:
 
 
 def to_int8(src: Path, dst: Path) -> None:
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
     quantize_dynamic(
         str(src),
         str(dst),
@@ -52,10 +53,6 @@ def to_int8(src: Path, dst: Path) -> None:
 
 def to_w16(src: Path, dst: Path, min_elements: int = 1024) -> None:
     """fp16 storage, fp32 compute: each float initializer of `min_elements` or more."""
-    import numpy as np
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
     model = onnx.load(str(src))
     graph = model.graph
     casts, inits = [], []

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from reir.datasets import load_dataset
 from reir.engine.bundle import Bundle, sha256_file
 from reir.engine.fsutil import atomic_file, write_bytes_atomic
 
@@ -24,8 +25,6 @@ SAMPLE = 4096
 
 def expressions(data: Path, split: str = "train", n: int = SAMPLE, seed: int = 0) -> list[str]:
     """`n` expressions of a dataset's split, drawn reproducibly."""
-    from reir.engine.data import load_dataset
-
     ds = load_dataset(data)
     texts = sorted({e.text for e in ds.expressions.values() if e.split == split})
     if not texts:

@@ -24,12 +24,13 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
+import onnx
+from onnx import numpy_helper
+from tokenizers import Tokenizer
 
 
 def kept_ids(tokenizer_json: dict, keep_first: int, must_keep: Iterable[str]) -> np.ndarray:
     """Sorted old ids to keep."""
-    from tokenizers import Tokenizer
-
     vocab: dict[str, int] = tokenizer_json["model"]["vocab"]
     if keep_first >= len(vocab):
         raise ValueError(f"--vocab {keep_first} does not trim a vocabulary of {len(vocab)} tokens")
@@ -73,8 +74,6 @@ def trim_embedding(src: Path, dst: Path, ids: np.ndarray, vocab_size: int) -> in
     """Keep rows `ids` of the graph's token embedding table ([vocab_size, H], read by Gather).
 
     Returns the number of bytes saved."""
-    import onnx
-    from onnx import numpy_helper
 
     model = onnx.load(str(src))
     gathered = {n.input[0] for n in model.graph.node if n.op_type == "Gather"}

@@ -9,22 +9,24 @@ contact sheet (PNG and HTML) a person can open.
 from __future__ import annotations
 
 import html
+import shutil
 import time
 from pathlib import Path
 
 import numpy as np
+from PIL import Image as PILImage
+
+from reir.datasets.synth import SynthConfig, generate
+from reir.engine.bundle import default_bundle
+from reir.engine.drawing import hits_sheet
+from reir.engine.engine import Engine
+from reir.engine.gallery import Gallery
+from reir.engine.indexer import index_images
+from reir.engine.retriever import Retriever
+from reir.evaluation import Hits, evaluate, pairwise_iou
 
 
 def run_demo(out: Path, images: int = 300, seed: int = 0, bundle: Path | None = None, threads: int = 0) -> int:
-    from reir.engine.cli import default_bundle
-    from reir.engine.data.show import hits_sheet
-    from reir.engine.engine import Engine
-    from reir.engine.gallery import Gallery
-    from reir.engine.indexer import index_images
-    from reir.engine.metrics import Hits, evaluate, pairwise_iou
-    from reir.engine.retriever import Retriever
-    from reir.engine.synth import SynthConfig, generate
-
     out = Path(out)
     t0 = time.perf_counter()
     engine = Engine.open(bundle or default_bundle(), threads=threads)
@@ -34,8 +36,6 @@ def run_demo(out: Path, images: int = 300, seed: int = 0, bundle: Path | None = 
     ds, _ = generate(out / "data", SynthConfig(images=images, seed=seed, fractions=(0, 0, 1)), overwrite=True)
     gdir = out / "gallery"
     if gdir.exists():
-        import shutil
-
         shutil.rmtree(gdir)
     gallery = Gallery.create(gdir, engine.dim, "f16", model=engine.model_id, bundle=str(engine.bundle.path))
     paths = [ds.image_path(i) for i in sorted(ds.images)]
@@ -101,8 +101,6 @@ def run_demo(out: Path, images: int = 300, seed: int = 0, bundle: Path | None = 
 
 
 def _write_sheets(out: Path, sheets) -> None:
-    from PIL import Image as PILImage
-
     width = max(s.width for _, s in sheets)
     total = PILImage.new("RGB", (width, sum(s.height for _, s in sheets)), (255, 255, 255))
     y = 0

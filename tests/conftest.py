@@ -13,7 +13,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 @pytest.fixture(scope="session")
 def synth_small(tmp_path_factory) -> Path:
     """A small synthetic benchmark shared by the tests that only read it."""
-    from reir.engine.synth import SynthConfig, generate
+    from reir.datasets.synth import SynthConfig, generate
 
     out = tmp_path_factory.mktemp("synth") / "data"
     generate(out, SynthConfig(images=120, seed=7), progress=False)
@@ -41,7 +41,7 @@ def tiny_run(tmp_path_factory):
 def tiny_bundle(tiny_run, tmp_path_factory) -> Path:
     """The tiny model exported to an fp32 bundle (its accuracy gates ran during export)."""
     pytest.importorskip("onnx", reason="onnx not installed (export extra)")
-    from reir.export.bundle import export_bundle
+    from reir.export.write_bundle import export_bundle
 
     out = tmp_path_factory.mktemp("bundle") / "tiny"
     export_bundle(tiny_run[2], out, probe_images=300, log=lambda *_: None)

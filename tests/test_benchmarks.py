@@ -46,7 +46,7 @@ def test_two_stage_with_every_image_in_stage_one_ranks_like_clare(encoded):
 
 
 def test_report_writes_json_markdown_and_figures(tiny_bundle, tmp_path):
-    from reir.benchmarks.report import run_report
+    from reir.benchmarks.run import run_report
 
     out = tmp_path / "results"
     path = run_report(
@@ -102,8 +102,8 @@ def test_step_comparison_times_both_configs_on_every_stage(tmp_path):
 def test_every_report_section_runs_on_the_shipped_bundle(tmp_path):
     """The shipped model at its real dimension through every section, at sizes CI affords: a
     model change cannot break the report without this failing."""
-    from reir.benchmarks.report import SECTIONS, run_report
-    from reir.engine.cli import default_bundle
+    from reir.benchmarks.run import SECTIONS, run_report
+    from reir.engine.bundle import default_bundle
 
     path = run_report(
         tmp_path / "results", default_bundle(), tmp_path / "work", tiers=(20, 40), index_sizes=(2500,), requests=24

@@ -105,8 +105,8 @@ def test_context_probe_measures_each_added_term():
     so the probe must read 0 for both; once the context projection is not zero it must read
     more than 0, and a model without the heads is refused by name."""
     from reir.training.config import load_config
-    from reir.training.context_probe import context_spread
     from reir.training.model import build_model
+    from reir.training.probes.context import context_spread
 
     tiny = Path(__file__).resolve().parents[1] / "configs" / "synth_tiny.yaml"
     cfg = load_config(tiny, {"model.context_slots": 2})

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from reir.engine.bundle import Bundle
-from reir.engine.cli import default_bundle
-from reir.engine.protocol import evaluate_retrieval
-from reir.engine.synth import SynthConfig, generate
+from reir.datasets.synth import SynthConfig, generate
+from reir.engine.bundle import Bundle, default_bundle
+from reir.evaluation.protocol import evaluate_retrieval
 
 
 def test_shipped_bundle_reaches_its_recorded_accuracy_on_a_fresh_gallery(tmp_path):

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image as PILImage
 
+from reir.datasets.synth import SynthConfig, generate
 from reir.engine.gallery import Gallery, GalleryError, GalleryLocked
-from reir.engine.synth import SynthConfig, generate
 
 
 @pytest.fixture(scope="module")
@@ -248,7 +248,7 @@ def test_engine_eval_matches_pytorch_eval(tiny_run, tiny_bundle, tmp_path):
 def test_unpad_scales_to_original_pixels_and_clips_to_the_image():
     """A box reaching past the border (a predicted centre and size can) comes back inside the
     picture; padding rows are dropped; the others scale from input to original pixels."""
-    from reir.engine.protocol import unpad
+    from reir.engine.detections import unpad
 
     boxes = np.array([[[10.0, 20.0, 70.0, 60.0], [-5.0, 100.0, 140.0, 133.0], [0.0, 0.0, 1.0, 1.0]]], np.float32)
     scores, emb, num = np.array([[0.9, 0.8, 0.0]]), np.ones((1, 3, 4), np.float32), np.array([2])

@@ -22,7 +22,7 @@ HAS_TRT = importlib.util.find_spec("tensorrt") is not None
 @pytest.fixture(scope="module")
 def bundles(tiny_run, tiny_bundle, tmp_path_factory):
     """fp32, fp16 and int8 bundles of the tiny model; each export ran its accuracy gates."""
-    from reir.export.bundle import export_bundle
+    from reir.export.write_bundle import export_bundle
 
     _, _, ckpt = tiny_run
     root = tmp_path_factory.mktemp("bundles")
@@ -78,7 +78,7 @@ def test_visual_graph_pads_to_k_and_batches_dynamically(bundles):
 
 
 def test_engine_tokenizer_matches_training_tokenizer(bundles, tiny_run):
-    from reir.training.text import load_tokenizer, tokenize
+    from reir.training.text_branch import load_tokenizer, tokenize
 
     cfg, _, _ = tiny_run
     tok = Bundle.open(bundles["fp32"]).tokenizer()
@@ -117,7 +117,7 @@ def test_w16_bundle_with_trimmed_vocabulary_is_smaller_and_answers_like_fp32(bun
     """fp16-stored weights + a trimmed vocabulary: the default model's size recipe."""
     import onnx
 
-    from reir.engine.synth.grammar import vocabulary
+    from reir.datasets.synth.grammar import vocabulary
 
     full, small = Bundle.open(bundles["fp32"]), Bundle.open(bundles["w16"])
     m = small.manifest
@@ -159,7 +159,7 @@ def test_w16_bundle_with_trimmed_vocabulary_is_smaller_and_answers_like_fp32(bun
 
 
 def test_static_shape_bundle_for_jetson(tiny_run, tmp_path):
-    from reir.export.bundle import export_bundle
+    from reir.export.write_bundle import export_bundle
 
     cfg, _, ckpt = tiny_run
     s = cfg.model.image_size
@@ -194,8 +194,8 @@ def test_failed_gate_refuses_the_export_and_leaves_nothing(tiny_run, tmp_path):
     of that tensor to a few levels, the int8 query drifts, the gate says so, and no bundle."""
     import torch
 
-    from reir.export.bundle import export_bundle
     from reir.export.gates import GateError
+    from reir.export.write_bundle import export_bundle
 
     _, _, ckpt = tiny_run
     state = torch.load(ckpt, map_location="cpu", weights_only=True)

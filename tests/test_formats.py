@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image as PILImage
 
-from reir.engine.data import DataError, drop_invalid, load_dataset, read_canonical, validate, write_canonical
-from reir.engine.data.refcoco import load_plain_pickle
+from reir.datasets import DataError, drop_invalid, load_dataset, read_canonical, validate, write_canonical
+from reir.datasets.refcoco import load_plain_pickle
 
 
 def _image(path: Path, w: int = 64, h: int = 48) -> None:

@@ -9,8 +9,8 @@ import sqlite3
 import numpy as np
 import pytest
 
+from reir.engine.detections import Detections
 from reir.engine.gallery import Gallery, GalleryError, NewImage
-from reir.engine.protocol import Detections
 
 DIM = 48
 

@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from reir.engine.data.dataset import Dataset, Expression, Image, Instance
-from reir.engine.metrics import (
+from reir.datasets.dataset import Dataset, Expression, Image, Instance
+from reir.evaluation import (
     GalleryArrays,
     Hits,
     Report,
@@ -155,7 +155,7 @@ def test_evaluate_report_breakdowns_and_json_roundtrip():
 
 def test_top1_failures_name_the_kind_of_miss(synth_small):
     """One query of each kind, built from a generated synthetic split, then the report."""
-    from reir.engine.data import load_dataset
+    from reir.datasets import load_dataset
 
     ds = load_dataset(synth_small)
     exprs = sorted(ds.split_expressions("test"), key=lambda e: e.id)
@@ -204,9 +204,9 @@ def test_top1_failures_name_the_kind_of_miss(synth_small):
 def test_attribute_probe_finds_what_embeddings_encode(synth_small):
     """Embeddings that encode colour (one-hot + noise) and nothing else: colour is read back,
     shape stays near chance, and a detection off every instance is not counted."""
-    from reir.engine.data import load_dataset
-    from reir.engine.metrics.probe import attribute_probe
-    from reir.engine.protocol import Detections
+    from reir.datasets import load_dataset
+    from reir.engine.detections import Detections
+    from reir.evaluation.probe import attribute_probe
 
     ds = load_dataset(synth_small)
     by_image = ds.instances_by_image()

@@ -10,7 +10,7 @@ torch = pytest.importorskip("torch", reason="torch not installed (training extra
 
 from conftest import TINY_CONFIG  # noqa: E402
 
-from reir.engine.synth.scene import COLORS, SHAPES, SceneObject  # noqa: E402
+from reir.datasets.synth.scene import COLORS, SHAPES, SceneObject  # noqa: E402
 from reir.training.config import ConfigError, load_config  # noqa: E402
 from reir.training.context import InstanceContext  # noqa: E402
 from reir.training.neighbours import FACTS, VALUES, NeighbourReadout, asked_facts, scene_facts  # noqa: E402
@@ -100,7 +100,7 @@ def test_the_context_head_learns_neighbour_facts_through_its_neighbour_term():
 
 
 def test_fact_auc_ranks_per_fact():
-    from reir.training.neighbour_probe import fact_auc
+    from reir.training.probes.neighbours import fact_auc
 
     y = np.array([[1, 0], [1, 1], [0, 1], [0, 0]] * 3, np.float32)
     assert fact_auc(y.copy(), y, min_each=2) == 1.0
@@ -110,11 +110,11 @@ def test_fact_auc_ranks_per_fact():
 
 
 def test_neighbour_probe_reads_a_checkpoint_and_refuses_one_without_the_readout(tmp_path):
-    from reir.engine.synth import SynthConfig, generate
+    from reir.datasets.synth import SynthConfig, generate
     from reir.training.checkpoint import CheckpointError, save_checkpoint
     from reir.training.criterion import SetCriterion
     from reir.training.model import build_model
-    from reir.training.neighbour_probe import probe
+    from reir.training.probes.neighbours import probe
 
     generate(tmp_path / "data", SynthConfig(images=12, seed=3, fractions=(0, 0, 1)), progress=False)
     for weight in (1.0, 0.0):

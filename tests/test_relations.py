@@ -11,7 +11,7 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="torch not installed (training extra)")
 
-from reir.engine.synth.scene import SceneObject  # noqa: E402
+from reir.datasets.synth.scene import SceneObject  # noqa: E402
 from reir.training.relation_loss import (  # noqa: E402
     NO_RELATION,
     UNKNOWN,

@@ -22,10 +22,10 @@ QUERIES = 300
 
 @pytest.fixture(scope="module")
 def big(tmp_path_factory):
-    from reir.engine.cli import default_bundle
+    from reir.datasets.synth import SynthConfig, generate
+    from reir.engine.bundle import default_bundle
     from reir.engine.engine import Engine
     from reir.engine.gallery import Gallery
-    from reir.engine.synth import SynthConfig, generate
 
     root = tmp_path_factory.mktemp("scale")
     cfg = SynthConfig(images=IMAGES, seed=4242, fractions=(0, 0, 1), exprs_per_image=1, answers="none")

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from PIL import Image as PILImage
 
-from reir.engine.data import load_dataset, validate
-from reir.engine.synth import SynthConfig, generate, render_one
-from reir.engine.synth.grammar import Phraser, train_vocabulary
-from reir.engine.synth.logic import satisfying
-from reir.engine.synth.scene import SHAPES, SceneObject, render_scene
+from reir.datasets import load_dataset, validate
+from reir.datasets.synth import SynthConfig, generate, render_one
+from reir.datasets.synth.grammar import Phraser, train_vocabulary
+from reir.datasets.synth.logic import satisfying
+from reir.datasets.synth.scene import SHAPES, SceneObject, render_scene
 
 
 def obj(shape, color, box, size="medium", fill="solid"):
@@ -109,7 +109,7 @@ def test_every_expression_is_unique_in_its_image(synth_small: Path):
 
 
 def test_boxes_are_tight_to_the_drawn_pixels():
-    from reir.engine.synth.scene import COLOR_JITTER, COLORS, MIN_VISIBLE, shape_mask
+    from reir.datasets.synth.scene import COLOR_JITTER, COLORS, MIN_VISIBLE, shape_mask
 
     rng = np.random.default_rng(3)
     owner = np.empty((128, 128), np.int16)

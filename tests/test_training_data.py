@@ -6,10 +6,10 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="torch not installed (training extra)")
 
-from reir.engine.data import load_dataset  # noqa: E402
-from reir.engine.synth.logic import satisfying  # noqa: E402
+from reir.datasets import load_dataset  # noqa: E402
+from reir.datasets.synth.logic import satisfying  # noqa: E402
+from reir.training.batches import TrainSet, collate, lookalike_keys, positives, twin_keys  # noqa: E402
 from reir.training.clia import clia_labels, positive_matrix  # noqa: E402
-from reir.training.data import TrainSet, collate, lookalike_keys, positives, twin_keys  # noqa: E402
 
 
 def test_flipped_samples_stay_true(synth_small):
@@ -157,7 +157,7 @@ def test_attribute_names_label_instances_with_their_attributes(synth_small):
 def test_counterfactuals_are_false_of_their_source_target_and_one_field_away(synth_small):
     """Each contrast text is one field of an image's expression changed, false of that
     expression's target, rendered in the train lexicon; relations are preferred."""
-    from reir.engine.synth.grammar import train_vocabulary
+    from reir.datasets.synth.grammar import train_vocabulary
 
     ds = load_dataset(synth_small)
     ts = TrainSet(ds, "train", 128, hflip=0.5, composed=3)

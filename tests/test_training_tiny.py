@@ -12,8 +12,8 @@ torch = pytest.importorskip("torch", reason="torch not installed (training extra
 
 from conftest import TINY_CONFIG as CONFIG  # noqa: E402
 
-from reir.engine.metrics import pairwise_iou  # noqa: E402
-from reir.engine.synth import SynthConfig, generate  # noqa: E402
+from reir.datasets.synth import SynthConfig, generate  # noqa: E402
+from reir.evaluation import pairwise_iou  # noqa: E402
 
 
 def test_loss_falls_and_checkpoint_is_complete(tiny_run):
@@ -33,7 +33,7 @@ def test_loss_falls_and_checkpoint_is_complete(tiny_run):
 
 
 def test_rec_beats_random_candidates_on_fresh_data(tiny_run, tmp_path):
-    from reir.engine.protocol import encode_gallery
+    from reir.evaluation.protocol import encode_gallery
     from reir.training.evaluate import torch_detector, torch_text_encoder
 
     cfg, trainer, _ = tiny_run

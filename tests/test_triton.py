@@ -30,11 +30,11 @@ EXPRESSIONS = ["the red circle", "the small blue square left of the green star",
 @pytest.fixture(scope="module")
 def setup(tiny_bundle, tmp_path_factory):
     """(repository, embedded retriever, gallery dir): the same bundle and gallery on both sides."""
+    from reir.datasets.synth import SynthConfig, generate
     from reir.engine.engine import Engine
     from reir.engine.gallery import Gallery
     from reir.engine.indexer import index_images
     from reir.engine.retriever import Retriever
-    from reir.engine.synth import SynthConfig, generate
     from reir.export.triton import write_repository
 
     root = tmp_path_factory.mktemp("triton")
@@ -274,8 +274,7 @@ def test_a_broken_repository_fails_fast_with_the_log(setup, tmp_path):
 
 
 def test_checked_in_reference_configs_match_the_generator(tmp_path):
-    from reir.engine.bundle import Bundle
-    from reir.engine.cli import default_bundle
+    from reir.engine.bundle import Bundle, default_bundle
     from reir.export.triton import REFERENCE_GALLERY_ROOT, write_configs
 
     write_configs(Bundle.open(default_bundle()).manifest, tmp_path, REFERENCE_GALLERY_ROOT, "main")

@@ -20,7 +20,7 @@ FORMAT = "clare-reir/checkpoint"
 VERSION = 1
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(ValueError):
     pass
 
 

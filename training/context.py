@@ -15,7 +15,7 @@ starts from the plain decoder state. Text-free and per image: galleries still in
 
 Measured on the CPU recipe, the own-box term carries the head's whole gain, and training
 closes the neighbour gates: zeroing the neighbour term of the trained v8 model changes
-nothing (`context_probe.py`, benchmarks/results/synth-history.md "Session 9"). A target of its own
+nothing (`probes/context.py`, benchmarks/results/synth-history.md "Session 9"). A target of its own
 (`neighbours.py`) keeps the gates open; the queries have yet to learn to read it ("Session 10").
 """
 
@@ -48,7 +48,7 @@ class InstanceContext(nn.Module):
 
     def terms(self, hidden: Tensor, boxes: Tensor, objectness: Tensor) -> tuple[Tensor, Tensor]:
         """The two added terms, [B, Q, d] each: what lies around (the slots' sums, projected)
-        and the instance's own box (`context_probe` weighs them against the decoder state)."""
+        and the instance's own box (`probes/context.py` weighs them against the decoder state)."""
         b, q, _ = hidden.shape
         boxes, objectness = boxes.detach(), objectness.detach()
         gates = torch.sigmoid(self.gate(pairwise_geometry(boxes * 4.0)))  # [B, Q(i), Q(j), S]

@@ -1,7 +1,7 @@
 """PyTorch evaluation with the clean, text-free gallery protocol (docs/task-and-metrics.md).
 
 The model runs through `postprocess.Detector` and `TextQuery`, the very modules the
-exporter traces, and is scored by `reir.engine.protocol`, the code that also scores the
+exporter traces, and is scored by `reir.evaluation.protocol`, the code that also scores the
 ONNX graphs and the serving engine: a gap between them can only come from the runtime.
 """
 
@@ -10,14 +10,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from reir.engine.data import Dataset
-from reir.engine.metrics import Report
-from reir.engine.protocol import DetectFn, EncodeTextFn, evaluate_retrieval
+from reir.datasets import Dataset
+from reir.evaluation import Report
+from reir.evaluation.protocol import DetectFn, EncodeTextFn, evaluate_retrieval
 
 from .config import EvalConfig
 from .model import CLARE
 from .postprocess import Detector, TextQuery
-from .text import tokenize
+from .text_branch import tokenize
 
 
 def torch_detector(model: CLARE, cfg: EvalConfig) -> DetectFn:

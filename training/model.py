@@ -26,7 +26,7 @@ from .more import text_projection
 from .neck import Neck
 from .proposals import PRIOR, ProposalSelector
 from .relations import RELATIONS, RelationQuery, RelationSlots, TokenPool
-from .text import TextEncoder
+from .text_branch import TextBranch
 from .transformer import Decoder, DecoderLayer, Encoder, EncoderLayer
 
 NUM_LEVELS = 3  # strides 8, 16, 32: enough for 128-px scenes; the paper adds stride 64 at 800 px
@@ -49,7 +49,7 @@ class CLARE(nn.Module):
             nn.init.constant_(head.bias, -math.log((1 - PRIOR) / PRIOR))
         slots, width = cfg.context_slots, cfg.context_width
         self.context = nn.ModuleList(InstanceContext(d, slots, width) for _ in range(cfg.dec_layers)) if slots else None
-        self.text = TextEncoder(cfg.text)
+        self.text = TextBranch(cfg.text)
         m = cfg.text.more
         self.text_proj = nn.ModuleList(
             text_projection(self.text.dim, d, m.enabled, m.experts, m.top_k, m.weight) for _ in range(cfg.dec_layers)

@@ -28,8 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from reir.engine.synth.logic import RELATIONS, related
-from reir.engine.synth.scene import COLORS, FILLS, SHAPES, SIZES, SceneObject
+from reir.datasets.synth import COLORS, FILLS, RELATIONS, SHAPES, SIZES, SceneObject, related
 
 VALUES: tuple[tuple[str, str], ...] = (
     *(("shape", v) for v in SHAPES),

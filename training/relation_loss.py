@@ -23,8 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from reir.engine.synth.logic import matches
-from reir.engine.synth.scene import SceneObject
+from reir.datasets.synth import SceneObject, matches
 
 from .relations import RELATIONS
 

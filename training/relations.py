@@ -29,11 +29,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from reir.datasets.synth import RELATIONS  # the slots: one per relation type of the data, in its order
+
 from .transformer import MLP
 
-RELATIONS = ("left_of", "right_of", "above", "below", "next_to")  # the order of the slots
 # Where each gate opens at init, in fractions of the image side: centres 0.1 apart for the
-# four directions, boxes at most 0.06 apart for next_to (engine/synth/logic.py uses the same
+# four directions, boxes at most 0.06 apart for next_to (datasets/synth/logic.py uses the same
 # margins). Both the thresholds and the softness are learned.
 INIT_THRESHOLDS = (0.10, 0.10, 0.10, 0.10, -0.06)
 INIT_SOFTNESS = 0.02

@@ -15,17 +15,18 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from reir.engine.data import load_dataset
+from reir.datasets import load_dataset
+from reir.datasets.synth import SynthConfig, generate
 
+from .batches import TrainSet, collate, lookalike_keys, positives, twin_keys
 from .checkpoint import CheckpointError, check_compatible, load_checkpoint, save_checkpoint
 from .config import Config, ConfigError, StageConfig
 from .criterion import SetCriterion, Targets
-from .data import TrainSet, collate, lookalike_keys, positives, twin_keys
 from .ema import WeightAverage
 from .model import CLARE, build_model
 from .neighbours import scene_facts, text_facts
 from .relation_loss import relation_targets
-from .text import encode_by_length, load_tokenizer, tokenize
+from .text_branch import encode_by_length, load_tokenizer, tokenize
 
 
 def resolve_device(name: str, where: str = "train.device") -> torch.device:
@@ -88,8 +89,6 @@ def prepare_data(cfg: Config, rank: int) -> Path:
     root = Path(cfg.data.root)
     if not (root / "refs.json").is_file() and cfg.data.generate_images > 0:
         if rank == 0:
-            from reir.engine.synth import SynthConfig, generate
-
             generate(root, SynthConfig(images=cfg.data.generate_images, seed=cfg.data.generate_seed), progress=True)
         if dist.is_initialized():
             dist.barrier()

@@ -129,8 +129,8 @@ def gallery(tmp_path_factory):
 
 
 def _new_images(n: int, start: int, rng):
+    from reir.engine.detections import Detections
     from reir.engine.gallery import NewImage
-    from reir.engine.protocol import Detections
 
     out = []
     for i in range(start, start + n):

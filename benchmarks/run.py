@@ -20,6 +20,9 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+from reir.engine.bundle import Bundle, default_bundle
+from reir.engine.fsutil import write_json_atomic
+
 from . import end_to_end, indexes, stages, two_stage
 from .common import encoded_gallery, machine, machine_label
 from .figures import figures
@@ -45,9 +48,6 @@ def run_report(
 ) -> Path:
     """Run `sections` and write the report; returns the JSON path. `tiers`: gallery sizes
     (images) of the two-stage comparison, default 1k and 10k (+ 100k with `full`)."""
-    from reir.engine.bundle import Bundle
-    from reir.engine.cli import default_bundle
-    from reir.engine.fsutil import write_json_atomic
 
     unknown = set(sections) - set(SECTIONS)
     if unknown:
@@ -128,8 +128,6 @@ def run_report(
 
 def rerender(json_path: Path) -> Path:
     """Figures and markdown again from a stored JSON (no measuring)."""
-    from reir.engine.fsutil import write_json_atomic
-
     report = json.loads(Path(json_path).read_text(encoding="utf-8"))
     names = [p.name for p in figures(report, json_path.parent)]
     if names != report.get("figures"):  # e.g. a panel added since, or a renamed report

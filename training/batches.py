@@ -35,14 +35,20 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from reir.engine.data import Dataset
+from reir.datasets import Dataset
+from reir.datasets.synth import (
+    Composer,
+    Phraser,
+    SceneObject,
+    choose_construct,
+    counterfactual,
+    mirror_logic,
+    mirror_object,
+    mirror_object_vertically,
+    satisfying,
+)
+from reir.engine.expressions import swap_left_right
 from reir.engine.image import load_rgb
-from reir.engine.synth.compose import Composer, choose_construct
-from reir.engine.synth.contrast import counterfactual
-from reir.engine.synth.grammar import Phraser
-from reir.engine.synth.logic import mirror_logic, mirror_object, mirror_object_vertically, satisfying
-from reir.engine.synth.scene import SceneObject
-from reir.engine.text import swap_left_right
 
 
 @dataclass

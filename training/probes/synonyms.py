@@ -7,7 +7,7 @@ train synonym than any other train word of its kind. This probe measures exactly
 word by word, in the encoder's sentence space (mean-pooled, normalised), and so bounds
 what any training of the rest of the model can reach on that split.
 
-    python -m reir.training.synonyms [CHECKPOINT]   # no checkpoint: the pretrained MiniLM
+    python -m reir.training.probes.synonyms [CHECKPOINT]   # no checkpoint: the pretrained MiniLM
 """
 
 from __future__ import annotations
@@ -18,7 +18,11 @@ from dataclasses import dataclass
 
 import torch
 
-from reir.engine.synth.grammar import WORDS
+from reir.datasets.synth import WORDS
+
+from ..checkpoint import load_model
+from ..config import TextConfig
+from ..text_branch import TextBranch, load_tokenizer, tokenize
 
 KINDS = ("color", "shape", "size", "fill", "relation")
 
@@ -44,16 +48,12 @@ def synonym_probe(encode: Callable[[list[str]], torch.Tensor]) -> list[SynonymHi
 
 
 def sentence_encoder(checkpoint: str | None) -> Callable[[list[str]], torch.Tensor]:
-    from .checkpoint import load_model
-    from .config import TextConfig
-    from .text import TextEncoder, load_tokenizer, tokenize
-
     if checkpoint:
         cfg, model = load_model(checkpoint)
         text_cfg, encoder = cfg.model.text, model.text
     else:
         text_cfg = TextConfig(encoder="minilm")
-        encoder = TextEncoder(text_cfg).eval()
+        encoder = TextBranch(text_cfg).eval()
     tokenizer = load_tokenizer(text_cfg)
 
     @torch.no_grad()

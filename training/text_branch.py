@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from reir.engine.text import clean_expression
+from reir.engine.expressions import clean_expression
 
 from .config import TextConfig
 
@@ -54,7 +54,7 @@ def load_tokenizer(cfg: TextConfig):
     return AutoTokenizer.from_pretrained(str(encoder_path(cfg)), local_files_only=True)
 
 
-class TextEncoder(nn.Module):
+class TextBranch(nn.Module):
     def __init__(self, cfg: TextConfig):
         super().__init__()
         from transformers import AutoConfig, AutoModel, BertConfig, BertModel, SiglipTextConfig, SiglipTextModel
@@ -114,7 +114,7 @@ class TextEncoder(nn.Module):
         self.frozen = [m for m in self.model.modules() if m is not self.model and _all_frozen(m)]
         self.train(self.training)
 
-    def train(self, mode: bool = True) -> TextEncoder:
+    def train(self, mode: bool = True) -> TextBranch:
         """Frozen parts stay in eval mode (no dropout) even while training: what they compute
         is then what inference computes, and the stage-1 memo holds those exact features."""
         super().train(mode)

@@ -9,14 +9,20 @@ from __future__ import annotations
 import json
 import platform
 import shutil
+import tempfile
 import time
 from datetime import UTC, datetime
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
+import onnxruntime
 import torch
+import transformers
 
+from reir.datasets.synth import SynthConfig, generate, vocabulary
 from reir.engine.bundle import FORMAT, VERSION, Bundle, sha256_file
 from reir.engine.encoders import TextEncoder, VisualEncoder
 from reir.engine.fsutil import atomic_directory
@@ -24,7 +30,7 @@ from reir.training.checkpoint import load_model
 from reir.training.config import EvalConfig
 from reir.training.evaluate import torch_detector, torch_text_encoder
 from reir.training.more import routed, tie_routings
-from reir.training.text import load_tokenizer
+from reir.training.text_branch import load_tokenizer
 
 from . import gates as G
 from .graphs import OPSET, export_text, export_visual, optimize
@@ -191,9 +197,6 @@ def export_bundle(
 def _training_expressions(cfg, work_root: Path) -> tuple[list[str], str]:
     """Expressions like the model's training ones: its dataset's train split where it is on
     disk, else (a synthetic recipe) the same generator's train scenes, regenerated."""
-    import tempfile
-
-    from reir.engine.synth import SynthConfig, generate
 
     root = Path(cfg.data.root)
     if (root / "refs.json").is_file():
@@ -238,8 +241,6 @@ def _convert(precision: str, work: Path) -> tuple[Path, Path]:
 
 def _trim_vocabulary(tmp: Path, work: Path, keep_first: int, log) -> dict[str, Any]:
     """Trim tokenizer.json in the bundle and write work/text_fp32.onnx.in with the kept rows."""
-    from reir.engine.synth.grammar import vocabulary
-
     full = json.loads((tmp / "tokenizer.json").read_text(encoding="utf-8"))
     size = len(full["model"]["vocab"])
     ids = kept_ids(full, keep_first, sorted(vocabulary()))
@@ -267,7 +268,7 @@ def _write_tokenizer(hf_tok, out: Path, max_length: int, pad_to_max: bool) -> di
         "pad_id": int(hf_tok.pad_token_id),
         "pad_token": str(hf_tok.pad_token),
         "pad_to_max": pad_to_max,
-        "cleaning": "reir.engine.text.clean_expression (lower case, punctuation removed)",
+        "cleaning": "reir.engine.expressions.clean_expression (lower case, punctuation removed)",
     }
 
 
@@ -290,10 +291,6 @@ def _latency(root: Path, graphs: dict, text: dict, ds, hw) -> dict[str, float]:
 
 
 def _versions() -> dict[str, str]:
-    import onnx
-    import onnxruntime
-    import transformers
-
     return {
         "python": platform.python_version(),
         "torch": str(torch.__version__),
@@ -305,8 +302,6 @@ def _versions() -> dict[str, str]:
 
 
 def _reir_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
         return version("clare-reir")
     except PackageNotFoundError:

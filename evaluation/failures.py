@@ -28,7 +28,8 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from ..data.dataset import Dataset, Expression
+from reir.datasets.dataset import Dataset, Expression
+
 from .boxes import MATCH_IOU, pairwise_iou
 from .ranking import Hits
 

@@ -15,7 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from ..data.dataset import Dataset, Expression
+from reir.datasets.dataset import Dataset, Expression
+from reir.engine.fsutil import write_json_atomic
+
 from .failures import KINDS, diagnosable, top1_failures
 from .ranking import Hits
 from .retrieval import KS, TAUS, Outcome, box_recall, image_recall, outcome, rec_accuracy
@@ -59,8 +61,6 @@ class Report:
     def write(self, json_path: Path | None = None, md_path: Path | None = None) -> None:
         """The JSON (atomically) and/or the markdown tables, where asked for."""
         if json_path:
-            from ..fsutil import write_json_atomic
-
             write_json_atomic(json_path, self.to_dict())
         if md_path:
             Path(md_path).write_text(self.table() + "\n", encoding="utf-8")

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .bundle import Bundle
-from .gallery import Gallery, NewImage
-from .metrics import Hits
+from reir.engine.bundle import Bundle
+from reir.engine.gallery import Gallery, NewImage
+
+from .ranking import Hits
 
 
 class GalleryRanker:

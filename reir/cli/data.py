@@ -1,20 +1,19 @@
-"""`reir`: one command line with subcommands.
-
-Handlers import what they need lazily, so `reir data ...` on a serving host never
-touches torch, and start-up stays fast.
-"""
+"""`reir synth` and `reir data validate|stats|convert|show`: datasets, no model."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
-from collections.abc import Sequence
 from pathlib import Path
 
+from reir.datasets import drop_invalid, load_dataset, validate, write_canonical
+from reir.datasets.show import render_expression
+from reir.datasets.stats import dataset_stats, format_stats
+from reir.datasets.synth import SynthConfig, generate
+from reir.engine.fsutil import atomic_directory
 
-class CLIError(Exception):
-    """An error the user can fix; printed as one line, exit code 2."""
+from .errors import UsageError
 
 
 def _data_args(p: argparse.ArgumentParser) -> None:
@@ -25,10 +24,7 @@ def _data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", help="UNINEXT: split name of the file (default: from its name)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="reir", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def register(sub) -> None:
     p = sub.add_parser("synth", help="write the synthetic REIR benchmark")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--images", type=int, required=True)
@@ -48,72 +44,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--quiet", action="store_true")
 
+    p.set_defaults(handler=cmd_synth)
+
     data = sub.add_parser("data", help="inspect, validate and convert datasets").add_subparsers(
         dest="data_command", required=True
     )
+    data.required = True
     p = data.add_parser("validate", help="check every record; exit 1 if any is bad")
     _data_args(p)
+    p.set_defaults(handler=cmd_data)
     p.add_argument("--skip-invalid", action="store_true", help="drop bad records, print how many of each kind")
     p.add_argument("--no-check-files", action="store_true", help="do not check that image files exist")
     p.add_argument("--max-errors", type=int, default=20, help="problems to print (all are counted)")
     p = data.add_parser("stats", help="counts, splits, expression types, specificity")
     _data_args(p)
+    p.set_defaults(handler=cmd_data)
     p.add_argument("--skip-invalid", action="store_true")
     p.add_argument("--json", action="store_true")
     p = data.add_parser("convert", help="convert RefCOCO / UNINEXT data to the canonical format")
     _data_args(p)
+    p.set_defaults(handler=cmd_data)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--skip-invalid", action="store_true")
     p.add_argument("--overwrite", action="store_true")
     p = data.add_parser("show", help="draw an expression's image with its target box")
     _data_args(p)
+    p.set_defaults(handler=cmd_data)
     p.add_argument("--expr", type=int, required=True, help="expression id")
     p.add_argument("-o", "--output", type=Path, required=True)
 
-    p = sub.add_parser("train", help="train CLARE from a YAML recipe (configs/*.yaml)")
-    p.add_argument("config", type=Path)
-    p.add_argument("--resume", action="store_true", help="continue the run's last checkpoint, same schedule")
-    p.add_argument(
-        "--start-from",
-        type=Path,
-        metavar="CKPT",
-        help="weights of a finished stage (e.g. runs/synth/grounding.pt), then the recipe's later stages",
-    )
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.batch_size=8")
-    p.add_argument("--eval", action="store_true", help="evaluate the final checkpoint on the recipe's eval split")
-    p.add_argument("--quiet", action="store_true")
-
-    p = sub.add_parser("eval", help="evaluate a checkpoint (PyTorch) or a bundle (the engine) on a dataset")
-    p.add_argument("checkpoint", type=Path, nargs="?", help="a training checkpoint; or pass --bundle")
-    p.add_argument("--bundle", type=Path, help="evaluate an exported bundle through the engine (no torch)")
-    p.add_argument("--data", type=Path, required=True, help="canonical dataset directory")
-    p.add_argument("--split", default="test")
-    p.add_argument("--gallery-images", type=int, default=0, help="first N gallery images only (0 = all)")
-    p.add_argument("--device", default="auto", help="PyTorch checkpoints: auto (GPU if torch sees one), cpu or cuda")
-    p.add_argument("--json", type=Path, help="write the report as JSON")
-    p.add_argument("--md", type=Path, help="write the report as a markdown table")
-    p.add_argument("--quiet", action="store_true")
-
-    from reir.benchmarks.cli import add_parser as add_bench_parser
-    from reir.engine.cli import add_parsers as add_engine_parsers
-    from reir.export.cli import add_parser as add_export_parser
-
-    add_export_parser(sub)
-    add_engine_parsers(sub)
-    add_bench_parser(sub)
-
-    p = sub.add_parser("demo", help="the main job: generate, index and query a synthetic gallery")
-    p.add_argument("--out", type=Path, default=Path("reir-demo"))
-    p.add_argument("--images", type=int, default=300)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--bundle", type=Path, help="default: the model shipped with the package")
-    p.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (0: its default)")
-    return parser
-
 
 def _load(args: argparse.Namespace, skip_invalid: bool = False, check_files: bool = True):
-    from reir.engine.data import drop_invalid, load_dataset, validate
-
     ds = load_dataset(args.path, args.format, split_by=args.split_by, images=args.images, split=args.split)
     problems = validate(ds, check_files=check_files)
     if skip_invalid and problems:
@@ -125,19 +86,16 @@ def _load(args: argparse.Namespace, skip_invalid: bool = False, check_files: boo
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
-    from reir.engine.data.stats import dataset_stats, format_stats
-    from reir.engine.synth import SynthConfig, generate
-
     try:
         fractions = tuple(float(x) for x in args.splits.split(","))
     except ValueError:
-        raise CLIError(f"--splits: expected three comma-separated fractions, got {args.splits!r}") from None
+        raise UsageError(f"--splits: expected three comma-separated fractions, got {args.splits!r}") from None
     if len(fractions) != 3 or abs(sum(fractions) - 1) > 1e-6 or min(fractions) < 0:
-        raise CLIError(f"--splits: three non-negative fractions summing to 1, got {args.splits!r}")
+        raise UsageError(f"--splits: three non-negative fractions summing to 1, got {args.splits!r}")
     if args.images < 1 or args.size < 32:
-        raise CLIError("--images must be >= 1 and --size >= 32")
+        raise UsageError("--images must be >= 1 and --size >= 32")
     if args.answer_sample < 0:
-        raise CLIError("--answer-sample must be >= 0 (0: every expression)")
+        raise UsageError("--answer-sample must be >= 0 (0: every expression)")
     cfg = SynthConfig(
         images=args.images,
         seed=args.seed,
@@ -155,8 +113,6 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_data(args: argparse.Namespace) -> int:
-    from reir.engine.data.stats import dataset_stats, format_stats
-
     if args.data_command == "validate":
         ds, problems = _load(args, skip_invalid=args.skip_invalid, check_files=not args.no_check_files)
         if problems:
@@ -183,76 +139,24 @@ def cmd_data(args: argparse.Namespace) -> int:
     if args.data_command == "convert":
         return _convert(args)
     if args.data_command == "show":
-        from reir.engine.data.show import render_expression
-
         ds, _ = _load(args, check_files=False)
         img = render_expression(ds, args.expr)
         args.output.parent.mkdir(parents=True, exist_ok=True)
         img.save(args.output)
         print(f"wrote {args.output}")
         return 0
-    raise CLIError(f"unknown data command {args.data_command}")
+    raise UsageError(f"unknown data command {args.data_command}")
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from reir.engine.data import write_canonical
-    from reir.engine.fsutil import atomic_directory
-
     ds, problems = _load(args, skip_invalid=args.skip_invalid, check_files=True)
     if problems:
         for p in problems[:20]:
             print(p, file=sys.stderr)
-        raise CLIError(f"{args.path}: {len(problems)} invalid record(s); fix them or pass --skip-invalid")
+        raise UsageError(f"{args.path}: {len(problems)} invalid record(s); fix them or pass --skip-invalid")
     ds.meta = {**ds.meta, "converted_from": str(args.path.resolve())}
     with atomic_directory(args.out, overwrite=args.overwrite) as tmp:
         write_canonical(ds, tmp, image_root=str(ds.image_root.resolve()))
     c = ds.counts()
     print(f"wrote {args.out}: {c['images']} images, {c['instances']} instances, {c['expressions']} expressions")
     return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from reir.engine.bundle import BundleError
-    from reir.engine.data import DataError
-    from reir.engine.fsutil import OutputExistsError
-    from reir.engine.gallery import GalleryError
-
-    try:
-        if args.command == "synth":
-            return cmd_synth(args)
-        if args.command == "data":
-            return cmd_data(args)
-        if args.command == "train" or (args.command == "eval" and not args.bundle):
-            from reir.training.cli import run
-
-            return run(args)
-        if args.command in ("index", "search", "gallery", "triton", "serve") or (
-            args.command == "eval" and args.bundle
-        ):
-            from reir.engine.cli import run as run_engine
-
-            return run_engine(args)
-        if args.command == "export":
-            from reir.export.cli import run as run_export
-
-            return run_export(args)
-        if args.command == "bench":
-            from reir.benchmarks.cli import run as run_bench
-
-            return run_bench(args)
-        if args.command == "demo":
-            from reir.demo import run_demo
-
-            return run_demo(args.out, images=args.images, seed=args.seed, bundle=args.bundle, threads=args.threads)
-    except (CLIError, DataError, OutputExistsError, BundleError, GalleryError) as e:
-        print(f"reir: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("reir: interrupted", file=sys.stderr)
-        return 130
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -15,7 +15,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..fsutil import write_json_atomic
+from reir.engine.fsutil import write_json_atomic
+
 from .coco import DataError, Records, parse_annotations, parse_categories, parse_images, read_json, require_list
 from .dataset import Dataset, Expression, xyxy_to_xywh
 

@@ -12,45 +12,24 @@ query's own image, the kept candidate with the highest score.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import numpy as np
 from tqdm import tqdm
 
-from .data import Dataset
-from .data.dataset import gallery_split
-from .image import ImageError, read_rgb, resize_rgb
-from .metrics import GalleryArrays, Report, evaluate, rank_gallery
-from .metrics.probe import attribute_probe
+from reir.datasets import Dataset
+from reir.datasets.dataset import gallery_split
+from reir.engine.detections import Detections, unpad
+from reir.engine.image import ImageError, read_rgb, resize_rgb
+
+from .probe import attribute_probe
+from .ranking import GalleryArrays, rank_gallery
+from .report import Report, evaluate
 
 DetectFn = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]
 EncodeTextFn = Callable[[list[str]], np.ndarray]
 # queries [Q, D], the gallery's detections by image id, k -> ranked instances per query
 RankFn = Callable[[np.ndarray, dict, int], list]
-
-
-@dataclass
-class Detections:
-    """One image's kept instances, boxes xyxy in original pixels, in descending score."""
-
-    boxes: np.ndarray  # [n, 4]
-    scores: np.ndarray  # [n]
-    embeddings: np.ndarray  # [n, D]
-
-
-def unpad(outputs, sizes: list[tuple[int, int]], input_hw: tuple[int, int]) -> list[Detections]:
-    """Graph outputs (padded to K, input pixels) -> per image Detections in original pixels,
-    clipped to the image: a predicted box (centre and size) may reach past the border, and a
-    box outside the picture is no use to a caller drawing or cropping it."""
-    boxes, scores, emb, num = (np.asarray(o) for o in outputs)
-    h, w = input_hw
-    out = []
-    for b, (ow, oh) in enumerate(sizes):
-        n = int(num[b])
-        scale = np.array([ow / w, oh / h, ow / w, oh / h], dtype=np.float64)
-        xyxy = np.clip(boxes[b, :n].astype(np.float64) * scale, 0.0, [ow, oh, ow, oh])
-        out.append(Detections(xyxy, scores[b, :n].copy(), emb[b, :n].copy()))
-    return out
 
 
 def encode_gallery(

@@ -1,4 +1,4 @@
-"""`reir index`, `reir search`, `reir gallery ...` and `reir eval --bundle`: the serving side.
+"""`reir index`, `reir search` and `reir gallery info|check|rebuild|remove|sample`.
 
 No torch: these run on a host that installed only `clare-reir[engine]`.
 """
@@ -10,12 +10,13 @@ import json
 import sys
 from pathlib import Path
 
-
-def default_bundle() -> Path:
-    """The bundle shipped with the package (models/synth, exported from configs/synth.yaml)."""
-    from importlib.resources import files
-
-    return Path(str(files("reir.models") / "synth"))
+from reir.engine.bundle import default_bundle
+from reir.engine.drawing import hits_sheet
+from reir.engine.engine import Engine
+from reir.engine.gallery import Gallery
+from reir.engine.indexer import index_images, list_images
+from reir.engine.retriever import Retriever
+from reir.engine.triton_client import TritonRetriever
 
 
 def _tags(pairs: list[str]) -> dict[str, str]:
@@ -28,7 +29,7 @@ def _tags(pairs: list[str]) -> dict[str, str]:
     return out
 
 
-def add_parsers(sub) -> None:
+def register(sub) -> None:
     p = sub.add_parser("index", help="add images (a directory or a list file) to a gallery, resumably")
     p.add_argument("source", type=Path, help="image directory (recursive) or a text file with one path per line")
     p.add_argument("--gallery", type=Path, required=True)
@@ -39,6 +40,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (0: its default)")
     p.add_argument("--device", choices=["cpu", "cuda", "tensorrt"], default="cpu")
     p.add_argument("--quiet", action="store_true")
+    p.set_defaults(handler=_index)
 
     p = sub.add_parser("search", help="rank a gallery's images for an expression")
     p.add_argument("expression")
@@ -52,6 +54,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--json", action="store_true")
     p.add_argument("--show", type=Path, metavar="PNG", help="write a contact sheet of the hits")
     p.add_argument("--threads", type=int, default=0)
+    p.set_defaults(handler=_search)
 
     g = sub.add_parser("gallery", help="inspect and maintain a gallery").add_subparsers(
         dest="gallery_command", required=True
@@ -63,55 +66,18 @@ def add_parsers(sub) -> None:
     ]:
         p = g.add_parser(name, help=text)
         p.add_argument("gallery", type=Path)
+        p.set_defaults(handler=_gallery)
     p = g.add_parser("remove", help="remove images by id")
     p.add_argument("gallery", type=Path)
     p.add_argument("ids", type=int, nargs="+")
+    p.set_defaults(handler=_gallery)
     p = g.add_parser(
         "sample", help="refit the index to your own queries: encode a query log as the gallery's query sample"
     )
     p.add_argument("gallery", type=Path)
     p.add_argument("--texts", type=Path, required=True, help="one expression per line (e.g. a query log)")
     p.add_argument("--bundle", type=Path, help="default: the gallery's bundle, else the shipped model")
-
-    t = sub.add_parser("triton", help="Triton model repository tools").add_subparsers(
-        dest="triton_command", required=True
-    )
-    p = t.add_parser("validate", help="parse and check every config of a model repository offline")
-    p.add_argument("repository", type=Path)
-
-    p = sub.add_parser("serve", help="run tritonserver (CPU, from nvidia-pytriton) on a model repository")
-    p.add_argument("--repository", type=Path, required=True)
-    p.add_argument("--python", type=Path, default=Path(".venv-triton/bin/python"), help="the server environment")
-    p.add_argument("--model-config-name", default="pyort")
-    p.add_argument("--address", default="127.0.0.1", help="bind address; 0.0.0.0 exposes it to the network")
-    p.add_argument("--http-port", type=int, default=8000)
-    p.add_argument("--grpc-port", type=int, default=8001)
-    p.add_argument("--metrics-port", type=int, default=8002)
-
-
-def run(args: argparse.Namespace) -> int:
-    from reir.engine.bundle import BundleError
-    from reir.engine.encoders import RuntimeUnavailable
-    from reir.engine.gallery import GalleryError
-    from reir.engine.image import ImageError
-    from reir.engine.triton_client import TritonError
-    from reir.engine.triton_server import ServerError
-
-    try:
-        if args.command == "index":
-            return _index(args)
-        if args.command == "search":
-            return _search(args)
-        if args.command == "eval":
-            return _eval(args)
-        if args.command == "triton":
-            return _triton_validate(args)
-        if args.command == "serve":
-            return _serve(args)
-        return _gallery(args)
-    except (ValueError, BundleError, GalleryError, ImageError, RuntimeUnavailable, TritonError, ServerError) as e:
-        print(f"reir: error: {e}", file=sys.stderr)
-        return 2
+    p.set_defaults(handler=_gallery)
 
 
 def _bundle_for(gallery, given: Path | None) -> Path:
@@ -124,9 +90,6 @@ def _bundle_for(gallery, given: Path | None) -> Path:
 
 
 def _index(args: argparse.Namespace) -> int:
-    from reir.engine.engine import Engine
-    from reir.engine.gallery import Gallery
-    from reir.engine.indexer import index_images, list_images
 
     paths, problems = list_images(args.source)
     gallery = None
@@ -161,15 +124,10 @@ def _index(args: argparse.Namespace) -> int:
 
 
 def _search(args: argparse.Namespace) -> int:
-    from reir.engine.engine import Engine
-    from reir.engine.gallery import Gallery
-    from reir.engine.retriever import Retriever
 
     if args.k < 1:
         raise ValueError(f"-k must be at least 1, got {args.k}")
     if args.server:
-        from reir.engine.triton_client import TritonRetriever
-
         with TritonRetriever(args.server) as remote:
             hits = remote.search(args.expression, args.k, gallery=args.server_gallery)
             truncated = remote.last_truncated[0]
@@ -196,15 +154,12 @@ def _search(args: argparse.Namespace) -> int:
         if not hits:
             print("(the gallery is empty)")
     if args.show:
-        from reir.engine.data.show import hits_sheet
-
         hits_sheet(args.expression, hits).save(args.show)
         print(f"wrote {args.show}")
     return 0
 
 
 def _gallery(args: argparse.Namespace) -> int:
-    from reir.engine.gallery import Gallery
 
     cmd = args.gallery_command
     with Gallery.open(args.gallery, writable=cmd in ("rebuild", "remove", "sample")) as g:
@@ -229,8 +184,6 @@ def _gallery(args: argparse.Namespace) -> int:
             )
             return 1 if problems else 0
         elif cmd == "sample":
-            from reir.engine.engine import Engine
-
             try:
                 texts = [t.strip() for t in args.texts.read_text(encoding="utf-8").splitlines() if t.strip()]
             except (OSError, UnicodeDecodeError) as e:
@@ -249,92 +202,4 @@ def _gallery(args: argparse.Namespace) -> int:
         else:
             n = g.remove_images(args.ids)
             print(f"removed {n} image(s)")
-    return 0
-
-
-def _eval(args: argparse.Namespace) -> int:
-    """The training report, computed through the engine's ONNX graphs."""
-    import tempfile
-
-    from reir.engine.bundle import Bundle
-    from reir.engine.data import load_dataset
-    from reir.engine.gallery_ranker import GalleryRanker
-    from reir.engine.protocol import evaluate_retrieval
-
-    if args.checkpoint is not None:
-        raise ValueError("pass a checkpoint or --bundle, not both")
-    bundle = Bundle.open(args.bundle)
-    ds = load_dataset(args.data)
-    with tempfile.TemporaryDirectory(prefix="reir-eval-") as tmp:
-        ranker = GalleryRanker(Path(tmp) / "gallery", bundle, progress=not args.quiet)
-        report = evaluate_retrieval(
-            bundle.visual_encoder(),
-            bundle.text_encoder(),
-            ds,
-            args.split,
-            bundle.input_hw,
-            gallery_images=args.gallery_images,
-            progress=not args.quiet,
-            rank=ranker,
-        )
-        index = ranker.describe()
-    m = bundle.manifest
-    report.meta.update(
-        {
-            "bundle": str(args.bundle),
-            "protocol": f"engine: NMS {m['nms_iou']:.2f}, top-{m['topk']}",
-            "search": f"the gallery's search ({index['kind']}, {index['rows']} instances)",
-        }
-    )
-    print(report.table())
-    exact = report.meta["exact_protocol"]
-    keys = [k for k in ("mBR@1(0.5)", "mBR@5(0.5)", "mBR@10(0.5)", "BR@1(0.5)") if k in exact]
-    print("through the gallery's search vs the exact protocol (every instance scored in memory):")
-    print("  " + ", ".join(f"{k} {report.metrics[k]:.2f} vs {exact[k]:.2f}" for k in keys))
-    report.write(args.json, args.md)
-    return 0
-
-
-def _triton_validate(args: argparse.Namespace) -> int:
-    from reir.export.triton_validate import validate_repository
-
-    problems = validate_repository(args.repository)
-    for p in problems:
-        print(f"problem: {p}")
-    print("valid" if not problems else f"{len(problems)} problem(s)")
-    return 1 if problems else 0
-
-
-def _serve(args: argparse.Namespace) -> int:
-    import signal
-    import time
-
-    from reir.engine.triton_server import NGC_COMMAND, TritonServer
-
-    def stop(signum, _frame):  # systemd, `docker stop`, Kubernetes send SIGTERM: leave nothing behind
-        raise SystemExit(128 + signum)
-
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, stop)
-
-    server = TritonServer(
-        args.repository,
-        args.python,
-        args.model_config_name,
-        args.address,
-        args.http_port,
-        args.grpc_port,
-        args.metrics_port,
-    )
-    if args.address not in ("127.0.0.1", "localhost", "::1"):
-        print(f"warning: binding {args.address}: the server is reachable from the network", file=sys.stderr)
-    with server:
-        print(f"ready: http://{server.http_url}  grpc://{server.grpc_url}  (pid {server.proc.pid}); Ctrl-C stops it")
-        print("on a GPU host, the same repository in NGC's container:")
-        print("  " + NGC_COMMAND.format(repo=args.repository.resolve(), gallery_root="/path/to/galleries"))
-        try:
-            while server.proc.poll() is None:
-                time.sleep(1)
-        except KeyboardInterrupt:
-            pass
     return 0

@@ -1,4 +1,4 @@
-"""Does the instance embedding use its context? `python -m reir.training.context_probe CKPT`.
+"""Does the instance embedding use its context? `python -m reir.training.probes.context CKPT`.
 
 The last decoder layer's instance embedding is the decoder state plus two added terms
 (`context.py`): what lies around the instance and its own box. A term that hardly varies
@@ -16,11 +16,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from reir.engine.data import DataError, load_dataset
+from reir.datasets import DataError, load_dataset
 from reir.engine.image import load_rgb
 
-from .checkpoint import CheckpointError, load_model
-from .model import CLARE
+from ..checkpoint import CheckpointError, load_model
+from ..model import CLARE
+from ..transformer import pairwise_geometry
 
 
 @torch.no_grad()
@@ -55,8 +56,6 @@ def context_spread(model: CLARE, images: torch.Tensor, min_objectness: float = 0
 
 
 def _geometry(boxes: torch.Tensor) -> torch.Tensor:
-    from .transformer import pairwise_geometry
-
     return pairwise_geometry(boxes.detach() * 4.0)
 
 

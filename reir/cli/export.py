@@ -1,4 +1,4 @@
-"""`reir export ...` (imported only when the command runs: it needs torch and onnx)."""
+"""`reir export CHECKPOINT | trt BUNDLE | triton BUNDLE | queries BUNDLE`: deployable artifacts."""
 
 from __future__ import annotations
 
@@ -7,8 +7,14 @@ import re
 import sys
 from pathlib import Path
 
+from reir.engine.bundle import BundleError
+from reir.engine.fsutil import OutputExistsError
+from reir.export.query_sample import expressions, write_query_sample
+from reir.export.tensorrt import TensorRTUnavailable, build_engines
+from reir.export.triton import write_repository
 
-def add_parser(sub) -> None:
+
+def register(sub) -> None:
     p = sub.add_parser(
         "export",
         help="export a checkpoint to a gated ONNX bundle; `reir export trt BUNDLE` builds TensorRT engines",
@@ -47,6 +53,7 @@ def add_parser(sub) -> None:
     p.add_argument("--workspace", type=float, default=4.0, help="trt: builder workspace, GiB")
     p.add_argument("--timing-cache", type=Path, help="trt: timing cache file (read and updated)")
     p.add_argument("--opt-batch", type=int, default=8, help="trt: batch size the kernels are tuned for")
+    p.set_defaults(handler=run)
 
 
 def parse_hw(text: str) -> tuple[int, int]:
@@ -57,11 +64,6 @@ def parse_hw(text: str) -> tuple[int, int]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from reir.engine.bundle import BundleError
-    from reir.engine.fsutil import OutputExistsError
-
-    from .tensorrt import TensorRTUnavailable
-
     errors: tuple = (ValueError, BundleError, OutputExistsError, TensorRTUnavailable)
     try:
         if args.source == "trt":
@@ -70,9 +72,8 @@ def run(args: argparse.Namespace) -> int:
             return _triton(args)
         if args.source == "queries":
             return _queries(args)
+        from reir.export.gates import GateError
         from reir.training.checkpoint import CheckpointError
-
-        from .gates import GateError
 
         errors += (CheckpointError, GateError)
         return _export(args)
@@ -82,8 +83,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _queries(args: argparse.Namespace) -> int:
-    from .query_sample import expressions, write_query_sample
-
     if args.bundle is None or (args.data is None) == (args.texts is None):
         raise ValueError("usage: reir export queries BUNDLE (--data DATASET [--split S] | --texts FILE) [--samples N]")
     if args.texts is not None:
@@ -101,7 +100,7 @@ def _queries(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from .bundle import export_bundle
+    from reir.export.write_bundle import export_bundle  # torch and onnx: only for this command
 
     if args.bundle is not None:
         raise ValueError(f"unexpected argument {args.bundle} (did you mean --out {args.bundle}?)")
@@ -128,8 +127,6 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _trt(args: argparse.Namespace) -> int:
-    from .tensorrt import build_engines
-
     if args.bundle is None:
         raise ValueError("usage: reir export trt BUNDLE [--precision fp16] [--workspace GiB] [--timing-cache FILE]")
     plans = build_engines(args.bundle, args.precision or "fp16", args.workspace, args.timing_cache, args.opt_batch)
@@ -139,8 +136,7 @@ def _trt(args: argparse.Namespace) -> int:
 
 
 def _triton(args: argparse.Namespace) -> int:
-    from .triton import write_repository
-    from .triton_validate import validate_repository
+    from reir.export.triton_validate import validate_repository  # protobuf from tritonclient
 
     if args.bundle is None or args.out is None or args.gallery is None:
         raise ValueError("usage: reir export triton BUNDLE --out REPO --gallery GALLERY")

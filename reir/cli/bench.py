@@ -9,10 +9,19 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
+from reir.benchmarks.common import machine
+
 RESULTS = Path("benchmarks/results")
 
 
-def add_parser(sub) -> None:
+def _micro_dir() -> str:
+    """The pytest-benchmark suite inside the installed package."""
+    import reir.benchmarks
+
+    return str(Path(reir.benchmarks.__file__).resolve().parent / "micro")
+
+
+def register(sub) -> None:
     p = sub.add_parser("bench", help="benchmarks: `micro` (pytest-benchmark) or `report` (the full report)")
     bench = p.add_subparsers(dest="bench_command", required=True)
     r = bench.add_parser("report", help="measure everything; write <machine>-<date>.json/.md + figures")
@@ -38,13 +47,13 @@ def add_parser(sub) -> None:
     m.add_argument("--threads", type=int, default=0, help="ONNX Runtime / torch threads (0: all cores)")
     m.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the PyTorch eager rows run")
     m.add_argument("-k", dest="select", help="pytest -k expression, e.g. 'text_encode'")
+    p.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
     if args.bench_command == "steps":
+        from reir.benchmarks.recipe_steps import compare_steps  # torch: a training benchmark
         from reir.training.config import ConfigError
-
-        from .recipe_steps import compare_steps
 
         try:
             compare_steps(args.config, args.variant, args.steps, args.warmup, args.out)
@@ -53,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
             return 2
         return 0
     if args.bench_command == "report":
-        from .report import SECTIONS, rerender, run_report
+        from reir.benchmarks.run import SECTIONS, rerender, run_report  # faiss, usearch, matplotlib: bench extra
 
         if args.rerender:
             print(rerender(args.rerender))
@@ -73,8 +82,7 @@ def run(args: argparse.Namespace) -> int:
             return 2
         run_report(args.out, args.bundle, args.work, args.full, sections, index_sizes=sizes)
         return 0
-    from .common import machine
-    from .report import slug
+    from reir.benchmarks.run import slug
 
     args.out.mkdir(parents=True, exist_ok=True)
     name = f"micro-{slug(machine())}-{datetime.now(UTC).date().isoformat()}.json"
@@ -82,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
         sys.executable,
         "-m",
         "pytest",
-        str(Path(__file__).resolve().parent / "micro"),
+        _micro_dir(),
         "--benchmark-only",
         "-p",
         "no:cacheprovider",

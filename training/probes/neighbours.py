@@ -1,5 +1,5 @@
 """How well do both halves of neighbour naming read their facts?
-`python -m reir.training.neighbour_probe CKPT` (a checkpoint trained with `loss.neighbour_weight`).
+`python -m reir.training.probes.neighbours CKPT` (a checkpoint trained with `loss.neighbour_weight`).
 
 Visual half: for every ground-truth object of the first test images, the query with the
 highest IoU (>= 0.5) is read through the last layer's readout (`neighbours.py`) and compared
@@ -17,16 +17,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from reir.engine.data import DataError, load_dataset
+from reir.datasets import DataError, load_dataset
+from reir.datasets.synth import SceneObject
 from reir.engine.image import load_rgb
-from reir.engine.synth.scene import SceneObject
 
-from .box_ops import box_iou, cxcywh_to_xyxy
-from .checkpoint import CheckpointError, load_checkpoint, model_from_state
-from .context_probe import probe_args
-from .evaluate import torch_text_encoder
-from .neighbours import asked_facts, scene_facts
-from .text import load_tokenizer
+from ..box_ops import box_iou, cxcywh_to_xyxy
+from ..checkpoint import CheckpointError, load_checkpoint, model_from_state
+from ..evaluate import torch_text_encoder
+from ..neighbours import asked_facts, scene_facts
+from ..text_branch import load_tokenizer
+from .context import probe_args
 
 
 def fact_auc(p: np.ndarray, y: np.ndarray, min_each: int = 5) -> float:

@@ -17,9 +17,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from ..data.canonical import write_canonical
-from ..data.dataset import Dataset, Expression, Image, Instance
-from ..fsutil import atomic_directory
+from reir.engine.fsutil import atomic_directory
+
+from ..canonical import write_canonical
+from ..dataset import Dataset, Expression, Image, Instance
 from .compose import Composer, choose_construct
 from .grammar import Phraser
 from .logic import Logic, expression_type, satisfying

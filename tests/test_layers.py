@@ -1,0 +1,90 @@
+"""Dependencies go one way. Each layer imports, module by module, with every layer above it
+(and the heavy packages it must not need) blocked:
+
+    engine      serving: bundle, encoders, gallery, retriever, clients (no torch, no data, no metrics)
+    datasets    formats, readers, validation, the synthetic benchmark (may use engine's file helpers)
+    evaluation  metrics, the gallery protocol, reports (datasets, engine)
+    training    CLARE in PyTorch (evaluation, datasets, engine)
+    export      bundles, precision, TensorRT, Triton (training, evaluation, datasets, engine)
+    benchmarks  everything below; the command line (reir.cli) sits on top of all
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+HEAVY = ("torch", "torchvision", "transformers")
+ABOVE = {
+    "reir.engine": ("reir.datasets", "reir.evaluation", "reir.training", "reir.export", "reir.benchmarks", "reir.cli"),
+    "reir.datasets": ("reir.evaluation", "reir.training", "reir.export", "reir.benchmarks", "reir.cli"),
+    "reir.evaluation": ("reir.training", "reir.export", "reir.benchmarks", "reir.cli"),
+    "reir.training": ("reir.export", "reir.benchmarks", "reir.cli"),
+    "reir.export": ("reir.benchmarks", "reir.cli"),
+}
+TORCH_FREE = ("reir.engine", "reir.datasets", "reir.evaluation")
+
+
+def _import_all(layer: str, blocked: tuple[str, ...]) -> subprocess.CompletedProcess:
+    code = textwrap.dedent(
+        f"""
+        import importlib, pkgutil, sys
+
+        BLOCKED = {blocked!r}
+
+        class Block:
+            def find_spec(self, name, path=None, target=None):
+                if any(name == b or name.startswith(b + ".") for b in BLOCKED):
+                    raise ImportError(f"blocked: {{name}}")
+                return None
+
+        sys.meta_path.insert(0, Block())
+        layer = importlib.import_module({layer!r})
+        names = [m.name for m in pkgutil.walk_packages(layer.__path__, {layer!r} + ".")]
+        for name in names:
+            importlib.import_module(name)
+        print(len(names))
+        """
+    )
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("layer", list(ABOVE))
+def test_each_layer_imports_with_the_layers_above_blocked(layer):
+    torch_free = layer in TORCH_FREE
+    if not torch_free:
+        pytest.importorskip("torch", reason="torch not installed (training extra)")
+    res = _import_all(layer, ABOVE[layer] + (HEAVY if torch_free else ()))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert int(res.stdout.strip()) >= 5  # the walk really found the layer's modules
+
+
+def test_the_blocker_really_blocks():
+    """Guard against a blocker that silently lets an import through."""
+    res = _import_all("reir.engine", ("reir.engine.gallery", "torch"))
+    assert res.returncode != 0 and "blocked: reir.engine.gallery" in res.stderr
+
+
+def test_the_command_line_starts_without_torch():
+    """`reir` builds every parser, and a serving command runs its parser, with no training extra."""
+    code = textwrap.dedent(
+        f"""
+        import sys
+
+        class Block:
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in {HEAVY!r}:
+                    raise ImportError(f"blocked: {{name}}")
+                return None
+
+        sys.meta_path.insert(0, Block())
+        from reir.cli import build_parser
+        build_parser().parse_args(["search", "a red circle", "--gallery", "g"])
+        assert "torch" not in sys.modules
+        """
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
