@@ -6,7 +6,7 @@ from pathlib import Path
 
 
 def figures(report: dict, out: Path) -> list[Path]:
-    import matplotlib
+    import matplotlib  # the Agg backend is chosen before pyplot loads
 
     matplotlib.use("Agg")
     paths = []

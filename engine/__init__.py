@@ -18,7 +18,7 @@ __all__ = list(_EXPORTS)
 
 def __getattr__(name: str):
     if name in _EXPORTS:
-        import importlib
+        import importlib  # lazy exports: importing one class does not load them all
 
         return getattr(importlib.import_module(_EXPORTS[name]), name)
     raise AttributeError(f"module 'reir.engine' has no attribute {name!r}")

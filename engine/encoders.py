@@ -25,7 +25,7 @@ class RuntimeUnavailable(RuntimeError):
 
 def session(path: str | Path, device: str = "cpu", threads: int = 0):
     """An InferenceSession; `threads` 0 lets ORT choose (set it on small shared hosts)."""
-    import onnxruntime as ort
+    import onnxruntime as ort  # start-up: only where a graph runs
 
     if device not in PROVIDERS:
         raise ValueError(f"device must be one of {sorted(PROVIDERS)}, got {device!r}")

@@ -35,7 +35,7 @@ def _faiss():
     A search runs on one thread: a query is small work, concurrency comes from serving
     threads or processes, and faiss's idle OpenMP workers spinning beside numpy's BLAS
     threads made a query 2x slower on two cores (measured). Bulk encoding raises it."""
-    import faiss
+    import faiss  # a few hundred ms at start-up that `reir data` need not pay
 
     global _FAISS_READY
     if not _FAISS_READY:

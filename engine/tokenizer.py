@@ -15,7 +15,7 @@ from .expressions import clean_expression
 
 class Tokenizer:
     def __init__(self, path: str | Path, max_length: int, pad_id: int, pad_token: str, pad_to_max: bool = False):
-        from tokenizers import Tokenizer as HFTokenizer
+        from tokenizers import Tokenizer as HFTokenizer  # the engine extra: a core install runs `reir synth`
 
         self.tok = HFTokenizer.from_file(str(path))
         self.tok.enable_truncation(max_length)

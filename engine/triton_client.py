@@ -32,7 +32,7 @@ def _split_url(url: str, protocol: str | None) -> tuple[str, str]:
 
 def _module(protocol: str, aio: bool = False):
     if protocol == "grpc":
-        import tritonclient.grpc as m
+        import tritonclient.grpc as m  # tritonclient: the triton extra, only for remote search
         import tritonclient.grpc.aio as a
     elif protocol == "http":
         import tritonclient.http as m

@@ -256,7 +256,7 @@ class _FusedScan:
     that never writes the f32 vectors out: about 4x numpy's cast-then-dot here)."""
 
     def __init__(self, store: VectorStore):
-        import faiss
+        import faiss  # start-up: only for a full scan
 
         self.store, self.faiss = store, faiss
         self.index = faiss.IndexScalarQuantizer(store.dim, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT)

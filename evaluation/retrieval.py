@@ -1,4 +1,4 @@
-"""Per-query outcomes and the REIR metrics built from them.
+"""Per-query outcomes and the REIR metrics built from them: BR@k is `box_recall`.
 
 BR@k(tau), as the official `RetrievalGroundingEvaluator` computes it: sort all gallery
 instances by score; inst* = the highest-ranked instance from a ground-truth image;

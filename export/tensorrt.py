@@ -96,7 +96,7 @@ def gpu_info() -> dict[str, str]:
 
 def import_tensorrt():
     try:
-        import tensorrt as trt
+        import tensorrt as trt  # GPU hosts only: it does not install on the build machines
     except ImportError as e:
         raise TensorRTUnavailable(
             f"TensorRT not installed ({e}); on a GPU host: pip install tensorrt (11.x) or 'tensorrt<11' (JetPack 6 "

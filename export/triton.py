@@ -28,7 +28,7 @@ PYTHON_MODELS = ("tokenizer", "text_encoder", "visual_encoder", "retrieve")
 
 
 def _pb():
-    from tritonclient.grpc import model_config_pb2
+    from tritonclient.grpc import model_config_pb2  # the triton extra
 
     return model_config_pb2
 
@@ -193,7 +193,7 @@ REFERENCE_GALLERY_ROOT = "/srv/reir/galleries"  # the checked-in reference layou
 
 def write_configs(manifest: dict[str, Any], out: Path, gallery_root: str, default_gallery: str) -> None:
     """Only the config files (what the checked-in `triton_models/` layout holds)."""
-    from google.protobuf import text_format
+    from google.protobuf import text_format  # the triton extra
 
     for rel, mc in configs(manifest, gallery_root, default_gallery).items():
         path = Path(out) / rel

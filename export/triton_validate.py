@@ -13,7 +13,7 @@ from pathlib import Path
 
 
 def _parse(path: Path):
-    from google.protobuf import text_format
+    from google.protobuf import text_format  # protobuf and tritonclient: the triton extra
     from tritonclient.grpc import model_config_pb2
 
     return text_format.Parse(path.read_text(encoding="utf-8"), model_config_pb2.ModelConfig())

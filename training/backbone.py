@@ -53,7 +53,7 @@ class SmallCNN(nn.Module):
 class EfficientNetBackbone(nn.Module):
     def __init__(self, pretrained: bool):
         super().__init__()
-        from .efficientnet_lite import EfficientNetLite0, load_pretrained
+        from .efficientnet_lite import EfficientNetLite0, load_pretrained  # only the backbone a recipe names
 
         self.net = EfficientNetLite0()
         if pretrained:
@@ -71,7 +71,7 @@ class TimmBackbone(nn.Module):
     def __init__(self, cfg: BackboneConfig):
         super().__init__()
         try:
-            import timm
+            import timm  # optional: not installed by the train extra
         except ImportError as e:
             raise RuntimeError("backbone 'timm' needs the package timm") from e
         self.net = timm.create_model(cfg.timm_name, pretrained=False, features_only=True, out_indices=(-3, -2, -1))
@@ -88,7 +88,7 @@ class TimmBackbone(nn.Module):
 
 def build_backbone(cfg: BackboneConfig) -> nn.Module:
     if cfg.name == "siglip_vit_b16":
-        from .vit import ViTPyramid, load_vit_weights
+        from .vit import ViTPyramid, load_vit_weights  # only the backbone a recipe names
 
         vit = ViTPyramid(768, 12, 12, 16)
         if cfg.path:

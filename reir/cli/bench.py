@@ -16,7 +16,7 @@ RESULTS = Path("benchmarks/results")
 
 def _micro_dir() -> str:
     """The pytest-benchmark suite inside the installed package."""
-    import reir.benchmarks
+    import reir.benchmarks  # its location only, for `reir bench micro`
 
     return str(Path(reir.benchmarks.__file__).resolve().parent / "micro")
 
@@ -53,7 +53,7 @@ def register(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.bench_command == "steps":
         from reir.benchmarks.recipe_steps import compare_steps  # torch: a training benchmark
-        from reir.training.config import ConfigError
+        from reir.training.config import ConfigError  # torch: a training benchmark
 
         try:
             compare_steps(args.config, args.variant, args.steps, args.warmup, args.out)
@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
             return 2
         run_report(args.out, args.bundle, args.work, args.full, sections, index_sizes=sizes)
         return 0
-    from reir.benchmarks.run import slug
+    from reir.benchmarks.run import slug  # faiss, usearch, matplotlib: the bench extra
 
     args.out.mkdir(parents=True, exist_ok=True)
     name = f"micro-{slug(machine())}-{datetime.now(UTC).date().isoformat()}.json"

@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _checkpoint(args: argparse.Namespace):
     # torch: only for a checkpoint; a bundle is scored with no torch installed
-    from reir.training.checkpoint import load_model
+    from reir.training.checkpoint import load_model  # torch: only for a checkpoint
     from reir.training.evaluate import evaluate_model
     from reir.training.text_branch import load_tokenizer
     from reir.training.trainer import resolve_device

@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
             return _triton(args)
         if args.source == "queries":
             return _queries(args)
-        from reir.export.gates import GateError
+        from reir.export.gates import GateError  # torch and onnx: only to export a checkpoint
         from reir.training.checkpoint import CheckpointError
 
         errors += (CheckpointError, GateError)
