@@ -23,43 +23,22 @@ import shutil
 import sqlite3
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .detections import Detections
 from .gallery_db import SCHEMA, SCHEMA_VERSION, GalleryError, GalleryLocked, connect, query_sample, upgrade
 from .gallery_index import GalleryIndex
 from .index_sync import catch_up, progress_bar, rebuild
+from .indexer import index_images
+from .records import Hit, NewImage
 from .tag_index import TagIndex
 
 __all__ = ["DTYPES", "Gallery", "GalleryError", "GalleryLocked", "Hit", "NewImage"]
 
 DTYPES = ("f16", "f32")
 COMPACT_DEAD = 0.25  # rebuild the index once this share of its rows was removed
-
-
-@dataclass(frozen=True)
-class Hit:
-    image_id: int
-    path: str
-    box: tuple[float, float, float, float]  # xyxy, original pixels
-    score: float  # dot product of query and instance embedding
-    instance_key: int
-    detection_score: float
-
-
-@dataclass
-class NewImage:
-    path: str
-    sha256: str
-    width: int
-    height: int
-    bytes: int
-    detections: Detections
-    tags: dict[str, str] | None = None
 
 
 class Gallery:
@@ -218,8 +197,6 @@ class Gallery:
         """Detect and add image files (skipping ones already here by content hash); returns
         the IndexReport (added, skipped with reasons, ...). A gallery without a query sample
         takes the engine's bundle's."""
-        from .indexer import index_images  # the indexer imports this module
-
         return index_images(self, engine, [Path(p) for p in images], tags, batch, progress=progress)
 
     def remove_images(self, ids: list[int]) -> int:

@@ -12,13 +12,17 @@ import hashlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from PIL import Image as PILImage
 from tqdm import tqdm
 
 from .engine import Engine
-from .gallery import Gallery, NewImage
 from .image import ImageError, read_rgb
+from .records import NewImage
+
+if TYPE_CHECKING:  # the gallery calls the indexer, not the other way round
+    from .gallery import Gallery
 
 
 @dataclass
