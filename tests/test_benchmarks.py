@@ -12,27 +12,18 @@ pytest.importorskip("matplotlib", reason="matplotlib not installed (bench extra)
 
 
 def test_tiers_hold_whole_images_real_then_jittered(encoded):
-    from reir.benchmarks.indexes import tier
+    from reir.benchmarks.indexes import tier_images
 
     _, g = encoded
     n_real = len(g.embeddings)
-    x, images, boxes, _ = tier(g, n_real // 2)
-    assert len(x) <= n_real and x.dtype == np.float16 and np.array_equal(x, g.embeddings[: len(x)].astype(np.float16))
-    assert np.all(np.diff(images) >= 0) and len(boxes) == len(x)
-    big, big_images, _, _ = tier(g, 3 * n_real)
-    assert len(big) >= 3 * n_real and big.shape[1] == g.embeddings.shape[1]
-    assert len(np.unique(big.round(2), axis=0)) == len(big)  # jittered: no two rows equal
-    counts = np.diff(np.flatnonzero(np.r_[1, np.diff(big_images), 1]))
-    assert counts.max() <= np.diff(g.offsets).max()  # whole images: never more instances than a real one
-
-
-@pytest.fixture(scope="module")
-def encoded(tiny_bundle, tmp_path_factory):
-    from reir.benchmarks.common import encoded_gallery
-    from reir.engine.bundle import Bundle
-
-    b = Bundle.open(tiny_bundle)
-    return b, encoded_gallery(b, 60, tmp_path_factory.mktemp("bench-work"))
+    real = list(tier_images(g, n_real // 2))
+    rows = np.concatenate([d.embeddings for d in real])
+    assert n_real // 2 <= len(rows) <= n_real and np.array_equal(rows, g.embeddings[: len(rows)])
+    big = list(tier_images(g, 3 * n_real))
+    vecs = np.concatenate([d.embeddings for d in big])
+    assert len(vecs) >= 3 * n_real and vecs.shape[1] == g.embeddings.shape[1]
+    assert len(np.unique(vecs.round(3), axis=0)) == len(vecs)  # jittered: no two rows equal
+    assert max(len(d.scores) for d in big) <= np.diff(g.offsets).max()  # whole images, as encoded
 
 
 def test_two_stage_with_every_image_in_stage_one_ranks_like_clare(encoded):
