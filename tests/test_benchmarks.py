@@ -11,6 +11,15 @@ import pytest
 pytest.importorskip("matplotlib", reason="matplotlib not installed (bench extra)")
 
 
+@pytest.fixture(scope="module")
+def encoded(tiny_bundle, tmp_path_factory):
+    from reir.benchmarks.common import encoded_gallery
+    from reir.engine.bundle import Bundle
+
+    b = Bundle.open(tiny_bundle)
+    return b, encoded_gallery(b, 60, tmp_path_factory.mktemp("bench-work"))
+
+
 def test_tiers_hold_whole_images_real_then_jittered(encoded):
     from reir.benchmarks.indexes import tier_images
 

@@ -48,6 +48,9 @@ class TritonPythonModel:
     def encode(self, req):
         text = pb_utils.get_input_tensor_by_name(req, "TEXT")
         if text is not None:
+            for t in text.as_numpy().reshape(-1):
+                if not (t.decode("utf-8", "replace") if isinstance(t, bytes) else str(t)).strip():
+                    raise ClientError("empty expression")
             inputs, model = [pb_utils.Tensor("TEXT", text.as_numpy())], "encode_query"
         else:
             ids = pb_utils.get_input_tensor_by_name(req, "INPUT_IDS")
