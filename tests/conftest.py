@@ -8,6 +8,10 @@ import pytest
 # No network at run time: anything that tries a model hub fails instead of downloading.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Ray (tests/test_cluster.py) keeps every process on 127.0.0.1 only when this is set before
+# it is imported, and sends no usage report (docs/cluster.md).
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
 @pytest.fixture(scope="session")

@@ -7,6 +7,7 @@
     export.py   export CHECKPOINT | trt | triton | queries
     serve.py    serve, triton validate
     bench.py    bench report|micro|steps
+    cluster.py  cluster index|serve (Ray)
     demo.py     demo
 
 Modules import what every host has (numpy, Pillow, the engine) at the top; torch, onnx,
@@ -26,10 +27,11 @@ from reir.engine.encoders import RuntimeUnavailable
 from reir.engine.fsutil import OutputExistsError
 from reir.engine.gallery import GalleryError
 from reir.engine.image import ImageError
+from reir.engine.serve_client import ServeError
 from reir.engine.triton_client import TritonError
 from reir.engine.triton_server import ServerError
 
-from . import bench, data, demo, eval, export, gallery, serve, train
+from . import bench, cluster, data, demo, eval, export, gallery, serve, train
 from .errors import UsageError
 
 # what a user can fix: one line naming the file, record or field, exit code 2
@@ -43,13 +45,14 @@ USER_ERRORS = (
     RuntimeUnavailable,
     TritonError,
     ServerError,
+    ServeError,
 )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="reir", description="Referring Expression Instance Retrieval (CLARE)")
     sub = parser.add_subparsers(dest="command", required=True)
-    for module in (data, train, eval, export, gallery, serve, bench, demo):
+    for module in (data, train, eval, export, gallery, serve, cluster, bench, demo):
         module.register(sub)
     return parser
 

@@ -16,6 +16,8 @@ from reir.engine.engine import Engine
 from reir.engine.gallery import Gallery
 from reir.engine.indexer import index_images, list_images
 from reir.engine.retriever import Retriever
+from reir.engine.serve_client import ServeRetriever
+from reir.engine.sharded_gallery import ShardedGallery, is_sharded, open_gallery
 from reir.engine.triton_client import TritonRetriever
 
 
@@ -37,6 +39,7 @@ def register(sub) -> None:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--tags", nargs="*", metavar="KEY=VALUE", help="stored with every image added")
     p.add_argument("--dtype", choices=["f32", "f16"], default="f16", help="stored vectors (new gallery)")
+    p.add_argument("--shards", type=int, help="new gallery: split it into this many shards (docs/cluster.md)")
     p.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (0: its default)")
     p.add_argument("--device", choices=["cpu", "cuda", "tensorrt"], default="cpu")
     p.add_argument("--quiet", action="store_true")
@@ -93,8 +96,14 @@ def _index(args: argparse.Namespace) -> int:
 
     paths, problems = list_images(args.source)
     gallery = None
-    if (args.gallery / "gallery.sqlite").is_file():
-        gallery = Gallery.open(args.gallery, writable=True, progress=not args.quiet)
+    exists = (args.gallery / "gallery.sqlite").is_file() or is_sharded(args.gallery)
+    if exists:
+        gallery = open_gallery(args.gallery, writable=True, progress=not args.quiet)
+        if args.shards is not None and getattr(gallery, "count", 1) != args.shards:
+            gallery.close()
+            raise ValueError(
+                f"{args.gallery}: exists with {getattr(gallery, 'count', 1)} shard(s), not --shards {args.shards}"
+            )
     try:
         engine = Engine.open(_bundle_for(gallery, args.bundle), args.device, args.threads, args.batch)
     except BaseException:
@@ -102,14 +111,11 @@ def _index(args: argparse.Namespace) -> int:
             gallery.close()
         raise
     if gallery is None:
-        gallery = Gallery.create(
-            args.gallery,
-            engine.dim,
-            args.dtype,
-            model=engine.model_id,
-            bundle=str(engine.bundle.path.resolve()),
-            queries=engine.query_sample,
-        )
+        made = dict(model=engine.model_id, bundle=str(engine.bundle.path.resolve()), queries=engine.query_sample)
+        if args.shards is not None:
+            gallery = ShardedGallery.create(args.gallery, args.shards, engine.dim, args.dtype, **made)
+        else:
+            gallery = Gallery.create(args.gallery, engine.dim, args.dtype, **made)
     with gallery:
         if gallery.model != engine.model_id:
             raise ValueError(f"{args.gallery}: indexed with another model; pass that bundle or use a new gallery")
@@ -127,7 +133,13 @@ def _search(args: argparse.Namespace) -> int:
 
     if args.k < 1:
         raise ValueError(f"-k must be at least 1, got {args.k}")
-    if args.server:
+    if args.server and args.server.startswith("ray://"):
+        remote = ServeRetriever(args.server, gallery=args.server_gallery)
+        hits = remote.search(args.expression, args.k, per_image=not args.all_instances, tags=_tags(args.tags))
+        truncated, limit = remote.last_truncated[0], "the model's max length"
+        if remote.last_partial:
+            print(f"note: partial answer, shard(s) {remote.last_missing} did not answer", file=sys.stderr)
+    elif args.server:
         with TritonRetriever(args.server) as remote:
             hits = remote.search(args.expression, args.k, gallery=args.server_gallery)
             truncated = remote.last_truncated[0]
@@ -135,7 +147,7 @@ def _search(args: argparse.Namespace) -> int:
     elif args.gallery is None:
         raise ValueError("pass --gallery G (embedded engine) or --server URL (Triton)")
     else:
-        with Gallery.open(args.gallery, progress=True) as gallery:
+        with open_gallery(args.gallery, progress=True) as gallery:
             engine = Engine.open(_bundle_for(gallery, args.bundle), threads=args.threads)
             retriever = Retriever(engine, gallery)
             hits = retriever.search(args.expression, args.k, per_image=not args.all_instances, tags=_tags(args.tags))
@@ -162,21 +174,23 @@ def _search(args: argparse.Namespace) -> int:
 def _gallery(args: argparse.Namespace) -> int:
 
     cmd = args.gallery_command
-    with Gallery.open(args.gallery, writable=cmd in ("rebuild", "remove", "sample")) as g:
+    with open_gallery(args.gallery, writable=cmd in ("rebuild", "remove", "sample")) as g:
         if cmd == "info":
             print(json.dumps(g.info(), indent=2))
         elif cmd == "check":
             problems = g.check()
             for p in problems:
                 print(f"problem: {p}")
-            m = g.measure()
-            if m is None:
-                print("search: every query scans all vectors (no index: too small, or no query sample)")
-            else:
-                print(
-                    f"search agrees with the exact scan on {m['queries']} held-out sample queries: "
-                    f"top-1 {m['top1']:.4f}, top-10 images {m['top10']:.4f}, instance recall@10 {m['recall10']:.4f}"
-                )
+            measured = g.measure()
+            for where, m in _per_shard(g, measured if isinstance(measured, list) else [measured]):
+                if m is None:
+                    print(f"{where}search: every query scans all vectors (no index: too small, or no query sample)")
+                else:
+                    print(
+                        f"{where}search agrees with the exact scan on {m['queries']} held-out sample queries: "
+                        f"top-1 {m['top1']:.4f}, top-10 images {m['top10']:.4f}, "
+                        f"instance recall@10 {m['recall10']:.4f}"
+                    )
             print(
                 "consistent"
                 if not problems
@@ -194,12 +208,23 @@ def _gallery(args: argparse.Namespace) -> int:
             if g.model and g.model != engine.model_id:
                 raise ValueError(f"{args.gallery}: indexed with another model than {engine.bundle.path}")
             g.set_query_sample(engine.encode_text(texts), progress=True)
-            m = g.info()["index"]
-            print(f"query sample: {len(texts)} expressions; index {m['kind']}, agreement {m.get('agreement')}")
+            info = g.info()
+            for where, part in _per_shard(g, info.get("per_shard", [info])):
+                m = part["index"]
+                print(
+                    f"{where}query sample: {len(texts)} expressions; index {m['kind']}, agreement {m.get('agreement')}"
+                )
         elif cmd == "rebuild":
             g.rebuild(progress=True)
-            print(f"rebuilt: {g.info()['ann_vectors']} vectors")
+            print(f"rebuilt: {g.info()['instances']} vectors")
         else:
             n = g.remove_images(args.ids)
             print(f"removed {n} image(s)")
     return 0
+
+
+def _per_shard(g, parts: list) -> list[tuple[str, object]]:
+    """(prefix, part) per shard of a sharded gallery; one unprefixed part otherwise."""
+    if len(parts) == 1 and not isinstance(g, ShardedGallery):
+        return [("", parts[0])]
+    return [(f"shard {s}: ", p) for s, p in enumerate(parts)]

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from reir.engine.gallery import Gallery
+from reir.engine.sharded_gallery import is_sharded, open_gallery
 
 
 class ClientError(ValueError):
@@ -40,9 +40,9 @@ class TritonPythonModel:
         if not path.is_relative_to(self.root):
             raise ClientError(f"gallery {name!r} is outside the configured gallery root")
         if path not in self.galleries:
-            if not (path / "gallery.sqlite").is_file():
+            if not (path / "gallery.sqlite").is_file() and not is_sharded(path):
                 raise ClientError(f"no gallery named {name or self.default_gallery!r} under the gallery root")
-            self.galleries[path] = Gallery.open(path, progress=False)
+            self.galleries[path] = open_gallery(path, progress=False)
         return self.galleries[path]
 
     def encode(self, req):
