@@ -148,7 +148,7 @@ def index_on_ray(
             Encoder,
             fn_constructor_kwargs={"bundle": str(b.path), "device": "cuda" if gpus_per_worker else "cpu"},
             batch_size=batch,
-            concurrency=workers,
+            concurrency=(1, workers),  # a pool that shrinks when a node is lost, instead of waiting
             num_gpus=gpus_per_worker or None,
         )
         seen: set[str] = set()

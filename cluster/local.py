@@ -29,8 +29,11 @@ class LocalCluster:
     """`nodes` Ray nodes (the first is the head) with `cpus` logical CPUs each; the driver
     connects to it on entry and everything stops on exit."""
 
-    def __init__(self, nodes: int = 2, cpus: int = 1, object_store_mb: int = 150):
+    def __init__(self, nodes: int = 2, cpus: int = 1, object_store_mb: int = 150, head_cpus: int | None = None):
+        """head_cpus=0: the head runs no tasks or actors (the driver and Ray's own services
+        only), so killing a worker node surely kills work."""
         self.nodes, self.cpus, self.object_store_mb = nodes, cpus, object_store_mb
+        self.head_cpus = cpus if head_cpus is None else head_cpus
         self.cluster: Cluster | None = None
         self.temp_dir: Path | None = None
         self.workers: list = []
@@ -52,6 +55,7 @@ class LocalCluster:
         self.cluster = Cluster(
             initialize_head=True,
             head_node_args=common
+            | {"num_cpus": self.head_cpus}
             | {"include_dashboard": False, "temp_dir": str(self.temp_dir / "ray"), "dashboard_host": "127.0.0.1"},
         )
         self.workers = [self.add_node() for _ in range(self.nodes - 1)]

@@ -6,6 +6,7 @@
     evaluation  metrics, the gallery protocol, reports (datasets, engine)
     training    CLARE in PyTorch (evaluation, datasets, engine)
     export      bundles, precision, TensorRT, Triton (training, evaluation, datasets, engine)
+    cluster     indexing and serving on Ray (engine only; no torch)
     benchmarks  everything below; the command line (reir.cli) sits on top of all
 """
 
@@ -19,13 +20,24 @@ import pytest
 
 HEAVY = ("torch", "torchvision", "transformers")
 ABOVE = {
-    "reir.engine": ("reir.datasets", "reir.evaluation", "reir.training", "reir.export", "reir.benchmarks", "reir.cli"),
+    "reir.engine": (
+        "reir.datasets",
+        "reir.evaluation",
+        "reir.training",
+        "reir.export",
+        "reir.cluster",
+        "reir.benchmarks",
+        "reir.cli",
+        "ray",
+    ),
     "reir.datasets": ("reir.evaluation", "reir.training", "reir.export", "reir.benchmarks", "reir.cli"),
     "reir.evaluation": ("reir.training", "reir.export", "reir.benchmarks", "reir.cli"),
     "reir.training": ("reir.export", "reir.benchmarks", "reir.cli"),
     "reir.export": ("reir.benchmarks", "reir.cli"),
+    "reir.cluster": ("reir.datasets", "reir.evaluation", "reir.training", "reir.export", "reir.benchmarks", "reir.cli"),
 }
-TORCH_FREE = ("reir.engine", "reir.datasets", "reir.evaluation")
+TORCH_FREE = ("reir.engine", "reir.datasets", "reir.evaluation", "reir.cluster")
+MODULES_AT_LEAST = {"reir.cluster": 3}  # how many modules the walk must find (5 elsewhere)
 
 
 def _import_all(layer: str, blocked: tuple[str, ...]) -> subprocess.CompletedProcess:
@@ -57,9 +69,11 @@ def test_each_layer_imports_with_the_layers_above_blocked(layer):
     torch_free = layer in TORCH_FREE
     if not torch_free:
         pytest.importorskip("torch", reason="torch not installed (training extra)")
+    if layer == "reir.cluster":
+        pytest.importorskip("ray", reason="ray not installed (cluster extra)")
     res = _import_all(layer, ABOVE[layer] + (HEAVY if torch_free else ()))
     assert res.returncode == 0, res.stderr[-3000:]
-    assert int(res.stdout.strip()) >= 5  # the walk really found the layer's modules
+    assert int(res.stdout.strip()) >= MODULES_AT_LEAST.get(layer, 5)  # the walk really found the layer's modules
 
 
 def test_the_blocker_really_blocks():

@@ -1,0 +1,280 @@
+"""Real Ray, real local clusters (2 to 3 nodes on this host), every process on 127.0.0.1.
+
+Each test (or, for the serving tests, the module's served app) starts and stops its own
+cluster. Traffic goes to loopback only, is bounded in count and time, and stops by itself.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import shutil
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+pytest.importorskip("ray", reason="ray not installed (cluster extra)")
+
+from reir.cluster.indexing import index_on_ray
+from reir.cluster.local import LocalCluster
+from reir.engine.bundle import default_bundle
+from reir.engine.gallery import Gallery
+from reir.engine.serve_client import AsyncServeRetriever, ServeError, ServeRetriever
+from reir.engine.sharded_gallery import ShardedGallery, global_hit
+
+
+def _loopback(addresses: set[str]) -> bool:
+    out = []
+    for a in addresses:
+        ip = ipaddress.ip_address(a)
+        mapped = getattr(ip, "ipv4_mapped", None)
+        out.append((mapped or ip).is_loopback)
+    return bool(addresses) and all(out)
+
+
+def _rows(g) -> dict[str, list[tuple]]:
+    """sha256 -> [(box, detection score, embedding)] over every shard."""
+    out = {}
+    for shard in getattr(g, "shards", [g]):
+        q = (
+            "SELECT m.sha256, i.x1, i.y1, i.x2, i.y2, i.score, i.embedding FROM instances i "
+            "JOIN images m ON m.id = i.image_id ORDER BY i.key"
+        )
+        for sha, *box, score, emb in shard.db.execute(q):
+            out.setdefault(sha, []).append((np.array(box), score, np.frombuffer(emb, np.float32)))
+    return out
+
+
+@pytest.fixture(scope="module")
+def single(synth_small, tmp_path_factory):
+    """The reference: the same images indexed by one process."""
+    from reir.engine.engine import Engine
+
+    engine = Engine.open(default_bundle(), threads=2)
+    path = tmp_path_factory.mktemp("single") / "g"
+    g = Gallery.create(path, engine.dim, model=engine.model_id, bundle=str(engine.bundle.path))
+    g.add_images(sorted((synth_small / "images").glob("*.png")), engine)
+    yield g
+    g.close()
+
+
+def test_distributed_indexing_equals_one_process(synth_small, single, tmp_path):
+    images = tmp_path / "images"
+    shutil.copytree(synth_small / "images", images)
+    (images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    with LocalCluster(nodes=3) as cluster:
+        report = index_on_ray(images, tmp_path / "g", default_bundle(), shards=3, workers=2, progress=False)
+        assert report.added == 120 and report.skipped == 1
+        assert "broken.png" in report.problems[0]
+        again = index_on_ray(images, tmp_path / "g", default_bundle(), workers=2, progress=False)
+        assert again.added == 0 and again.already_indexed == 120  # resumed: nothing twice
+        assert _loopback(cluster.listening_addresses())
+    with ShardedGallery.open(tmp_path / "g", progress=False) as g:
+        assert [s.info()["images"] for s in g.shards] != [120, 0, 0]
+        mine, ref = _rows(g), _rows(single)
+        assert set(mine) == set(ref)  # same images
+        for sha, rows in ref.items():
+            assert len(mine[sha]) == len(rows)  # same instances
+            for (box, score, emb), (box2, score2, emb2) in zip(mine[sha], rows, strict=True):
+                np.testing.assert_allclose(box, box2, atol=1e-3)
+                assert abs(score - score2) < 1e-4
+                np.testing.assert_allclose(emb, emb2, atol=2e-3 * max(1.0, float(np.abs(emb2).max())))
+
+
+def test_a_worker_node_killed_mid_indexing_loses_nothing_and_duplicates_nothing(synth_small, single, tmp_path):
+    """The head runs no tasks here, so every encoder actor sits on a worker node; one of
+    them is killed once the first images are committed. The job (or its re-run) must end
+    with every image exactly once."""
+    target = tmp_path / "g"
+    errors = []
+    with LocalCluster(nodes=3, head_cpus=0) as cluster:
+
+        def job():
+            try:
+                index_on_ray(synth_small / "images", target, default_bundle(), shards=2, workers=2, progress=False)
+            except Exception as e:  # a lost node may fail the job: the re-run below must finish it
+                errors.append(e)
+
+        t = threading.Thread(target=job)
+        t.start()
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and _committed(target) == 0:
+            time.sleep(0.2)
+        assert _committed(target) > 0, "no image was committed before the kill"
+        cluster.kill_node(cluster.workers[0])
+        cluster.add_node()  # a replacement, as an autoscaler would start
+        t.join(timeout=300)
+        assert not t.is_alive(), "the indexing job hung after losing a node"
+        report = index_on_ray(synth_small / "images", target, default_bundle(), workers=2, progress=False)
+        assert report.added + report.already_indexed == 120
+    with ShardedGallery.open(target, progress=False) as g:
+        assert g.info()["images"] == 120
+        assert set(_rows(g)) == set(_rows(single))
+        assert g.check() == []
+
+
+def _committed(path) -> int:
+    import sqlite3
+
+    total = 0
+    for db in path.glob("shard-*/gallery.sqlite"):
+        try:
+            with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as c:
+                total += c.execute("SELECT COUNT(*) FROM images").fetchone()[0]
+        except sqlite3.Error:
+            pass
+    return total
+
+
+# -- serving -----------------------------------------------------------------------------
+PORT = 18741
+
+
+@pytest.fixture(scope="module")
+def served(synth_small, single, tmp_path_factory):
+    """A 2-shard copy of the single gallery served by Ray Serve on a 2-node cluster, two
+    replicas per shard."""
+    from ray import serve
+
+    from reir.cluster.serving import build_app, start
+    from reir.datasets import load_dataset
+    from reir.engine.engine import Engine
+
+    root = tmp_path_factory.mktemp("root")
+    engine = Engine.open(default_bundle(), threads=2)
+    with ShardedGallery.create(root / "main", 2, engine.dim, model=engine.model_id) as g:
+        g.add_images(sorted((synth_small / "images").glob("*.png")), engine)
+    texts = sorted({e.text for e in load_dataset(synth_small).expressions.values()})[:40]
+    with LocalCluster(nodes=2) as cluster:
+        url = start(build_app(default_bundle(), root, ["main"], replicas=2, deadline_s=3.0), port=PORT)
+        yield cluster, url, texts, engine, root
+        serve.shutdown()
+
+
+def _expected(single, engine, texts, k=10):
+    return single.search(engine.encode_text(texts), k)
+
+
+def test_served_search_equals_one_gallery(served, single):
+    cluster, url, texts, engine, _ = served
+    remote = ServeRetriever(url.replace("http://", "ray://"))
+    found = remote.search(texts, k=10)
+    assert not remote.last_partial and remote.last_missing == []
+    for a, b in zip(found, _expected(single, engine, texts), strict=True):
+        assert [h.path for h in a] == [h.path for h in b] or all(
+            abs(x.score - y.score) < 1e-5 for x, y in zip(a, b, strict=True)
+        )
+        np.testing.assert_allclose([h.score for h in a], [h.score for h in b], rtol=1e-5, atol=1e-5)
+    assert _loopback(cluster.listening_addresses())
+
+
+def test_async_client_and_the_search_command(served, single):
+    import asyncio
+    import json
+    import subprocess
+    import sys
+
+    _, url, texts, engine, _ = served
+    ref = _expected(single, engine, texts[:4], k=5)
+
+    async def many():
+        client = AsyncServeRetriever(url)
+        return await asyncio.gather(*(client.search(t, k=5) for t in texts[:4]))
+
+    for a, b in zip(asyncio.run(many()), ref, strict=True):
+        assert [h.image_id for h in a] and [h.path for h in a] == [h.path for h in b]
+    res = subprocess.run(
+        [sys.executable, "-m", "reir.cli", "search", texts[0], "--server", url.replace("http://", "ray://"), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["hits"][0]["path"] == ref[0][0].path
+
+
+@pytest.mark.parametrize(
+    "body, status, message",
+    [
+        ({"text": ""}, 400, "empty expression"),
+        ({"text": "a red circle", "k": 0}, 400, "k must be an integer in [1, 100]"),
+        ({"text": "a red circle", "k": 10_000}, 400, "k must be an integer in [1, 100]"),
+        ({"text": "a red circle", "gallery": "nope"}, 404, "no gallery named 'nope'"),
+        ({"text": "a red circle", "gallery": "../../etc"}, 400, "outside the gallery root"),
+        ({"text": "a red circle", "colour": "red"}, 400, "unknown field(s): ['colour']"),
+    ],
+)
+def test_bad_requests_get_a_4xx_and_the_app_keeps_serving(served, body, status, message):
+    _, url, texts, _, _ = served
+    client = ServeRetriever(url)
+    with pytest.raises(ServeError) as e:
+        client._post(body)
+    assert f"HTTP {status}" in str(e.value) and message in str(e.value)
+    assert client.search(texts[0], k=3)  # still serving
+
+
+def _replicas(shard: str) -> list:
+    import ray
+
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)]
+    return [ray.get_actor(n, namespace="serve") for n in names if n.startswith(f"SERVE_REPLICA::reir#{shard}#")]
+
+
+def _load(url, texts, count: int, workers: int = 4) -> list[tuple[list, bool, list, float]]:
+    """`count` queries from `workers` threads; per query (hits, partial, missing, seconds)."""
+
+    def one(i):
+        c = ServeRetriever(url, timeout=30)
+        t0 = time.monotonic()
+        hits = c.search(texts[i % len(texts)], k=10)
+        return hits, c.last_partial, c.last_missing, time.monotonic() - t0
+
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(one, range(count)))
+
+
+def test_killing_one_replica_loses_no_query(served, single):
+    import ray
+
+    _, url, texts, engine, _ = served
+    ref = {t: h for t, h in zip(texts, _expected(single, engine, texts), strict=True)}
+    victims = _replicas("main-shard-0")
+    assert len(victims) == 2
+    results = []
+    loader = threading.Thread(target=lambda: results.extend(_load(url, texts, 80)))
+    loader.start()
+    time.sleep(0.3)
+    ray.kill(victims[0], no_restart=True)
+    loader.join(timeout=120)
+    assert len(results) == 80  # every query answered
+    for i, (hits, partial, missing, _) in enumerate(results):
+        assert not partial and missing == []
+        assert [h.path for h in hits][:1] == [h.path for h in ref[texts[i % len(texts)]]][:1]
+
+
+def test_losing_every_replica_of_a_shard_gives_flagged_partial_answers_then_full_ones(served, single):
+    import ray
+
+    _, url, texts, engine, root = served
+    ref = _expected(single, engine, texts[:1])[0]
+    with ShardedGallery.open(root / "main", progress=False) as g:  # what shard 0 alone holds
+        q = engine.encode_text(texts[:1])
+        only0 = [global_hit(h, 0, 2) for h in g.shards[0].search(q, 10)[0]]
+    for victim in _replicas("main-shard-1"):
+        ray.kill(victim, no_restart=True)
+    results = _load(url, texts[:1], 8, workers=2)
+    partial = [r for r in results if r[1]]
+    assert partial, "no answer was flagged partial while shard 1 had no replica"
+    for hits, _, missing, seconds in partial:
+        assert missing == [1] and seconds < 3.0 + 5.0  # the deadline, never a hang
+        assert [(h.image_id, h.path) for h in hits] == [(h.image_id, h.path) for h in only0]
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:  # Serve replaces the replicas
+        hits, was_partial, _, _ = _load(url, texts[:1], 1, workers=1)[0]
+        if not was_partial:
+            break
+        time.sleep(1)
+    assert not was_partial, "shard 1 did not come back within two minutes"
+    assert [h.path for h in hits] == [h.path for h in ref]
