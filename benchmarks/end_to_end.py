@@ -17,11 +17,7 @@ import json
 import os
 import shutil
 import tempfile
-import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-
-import numpy as np
 
 from reir.datasets.synth import SynthConfig, generate
 from reir.engine.bundle import default_bundle
@@ -33,21 +29,9 @@ from reir.engine.triton_client import TritonRetriever
 from reir.engine.triton_server import TritonServer
 from reir.export.triton import write_repository
 
-from .common import summarise_ms, time_each
+from .common import closed_loop
 
 CONCURRENCY = (1, 4, 16)
-
-
-def _run(make_search, texts: list[str], concurrency: int) -> dict[str, float]:
-    def worker(chunk):
-        return time_each(make_search(), chunk, warmup=0)
-
-    chunks = [texts[i::concurrency] for i in range(concurrency)]
-    t0 = time.perf_counter()
-    with ThreadPoolExecutor(concurrency) as pool:
-        lat = np.array([x for part in pool.map(worker, chunks) for x in part]) * 1000
-    wall = time.perf_counter() - t0
-    return {**summarise_ms(lat / 1000), "qps": round(len(texts) / wall, 1)}
 
 
 def run(bundle: Path, work: Path, images: int = 1000, requests: int = 400, python: Path | None = None) -> dict:
@@ -75,7 +59,7 @@ def run(bundle: Path, work: Path, images: int = 1000, requests: int = 400, pytho
 
             return search
 
-        rows[f"embedded_c{c}"] = _run(embedded, texts, c)
+        rows[f"embedded_c{c}"] = closed_loop(embedded, texts, c)
     out = {"images": images, "requests": requests, "concurrency": list(CONCURRENCY), "rows": rows}
     python = python or Path(".venv-triton/bin/python")
     if not python.exists():
@@ -86,7 +70,8 @@ def run(bundle: Path, work: Path, images: int = 1000, requests: int = 400, pytho
     with TritonServer(repo, python, "pyort") as server:
         for proto, url in (("grpc", server.grpc_url), ("http", server.http_url)):
             for c in CONCURRENCY:
-                rows[f"triton_{proto}_c{c}"] = _run(lambda u=url, p=proto: TritonRetriever(u, p).search, texts, c)
+                client = lambda u=url, p=proto: TritonRetriever(u, p).search  # noqa: E731
+                rows[f"triton_{proto}_c{c}"] = closed_loop(client, texts, c)
     return out
 
 

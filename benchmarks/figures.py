@@ -10,7 +10,7 @@ def figures(report: dict, out: Path) -> list[Path]:
 
     matplotlib.use("Agg")
     paths = []
-    for draw in (_gallery_size, _recall_latency, _stages):
+    for draw in (_gallery_size, _recall_latency, _stages, _serving):
         p = draw(report, out)
         if p is not None:
             paths.append(p)
@@ -166,3 +166,25 @@ def _stages(report: dict, out: Path) -> Path | None:
     ax.legend(fontsize=7, ncol=5, loc="upper center", bbox_to_anchor=(0.5, -0.35))
     fig.suptitle("latency breakdown per stage")
     return _save(fig, report, out, "stages")
+
+
+def _serving(report: dict, out: Path) -> Path | None:
+    """p50 and p99 against concurrency, per server: the embedded engine, Triton, Ray Serve."""
+    rows = {**(report.get("end_to_end") or {}).get("rows", {}), **(report.get("cluster") or {}).get("rows", {})}
+    if not rows:
+        return None
+    import matplotlib.pyplot as plt
+
+    servers = sorted({k.rsplit("_c", 1)[0] for k in rows}, key=lambda s: (not s.startswith("embedded"), s))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for server in servers:
+        cs = sorted(int(k.rsplit("_c", 1)[1]) for k in rows if k.rsplit("_c", 1)[0] == server)
+        for ax, key in zip(axes, ("p50_ms", "p99_ms"), strict=True):
+            ax.plot(cs, [rows[f"{server}_c{c}"][key] for c in cs], marker="o", label=server)
+    for ax, key in zip(axes, ("p50", "p99"), strict=True):
+        ax.set(xscale="log", yscale="log", xlabel="concurrent clients", ylabel=f"{key} latency (ms)")
+        ax.set_xticks([1, 4, 16], labels=["1", "4", "16"])
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle("Query latency by server and concurrency (text in, ranked hits out)")
+    return _save(fig, report, out, "serving")

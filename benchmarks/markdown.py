@@ -198,5 +198,30 @@ def render(report: dict) -> str:
         lines += [_table(table, ["server", "concurrency", "p50_ms", "p95_ms", "p99_ms", "qps"])]
         if e2e.get("triton_skipped"):
             lines += [f"Triton rows skipped: {e2e['triton_skipped']}", ""]
+    cl = report.get("cluster")
+    if cl:
+        lines += [
+            "",
+            f"## On Ray ({cl['images']:,}-image gallery, {cl['instances']:,} instances, {cl['requests']} unique "
+            f"requests per row, a local cluster of {cl['nodes']} nodes on this host)",
+            "",
+            "The embedded engine beside the Ray Serve app (front deployment + one deployment per shard, one replica "
+            "each), closed-loop load. On this host every node shares the same cores: the rows measure what Ray adds "
+            "(HTTP proxy, fan-out, serialisation), not a speed-up.",
+            "",
+        ]
+        table = [
+            {"server": k.rsplit("_c", 1)[0], "concurrency": int(k.rsplit("_c", 1)[1]), **v}
+            for k, v in cl["rows"].items()
+        ]
+        lines += [_table(table, ["server", "concurrency", "p50_ms", "p95_ms", "p99_ms", "qps"])]
+        ix = cl["indexing"]
+        lines += [
+            f"Indexing {ix['images']} images: one `reir index` process {ix['one_process_images_per_s']} images/s; "
+            "`reir cluster index` with 1, 2, 4 encoder actors: "
+            + ", ".join(f"{v} images/s" for v in ix["ray"].values())
+            + " (more actors than cores only compete here).",
+            "",
+        ]
     lines += ["", "Section wall times (s): " + ", ".join(f"{k} {v}" for k, v in report["seconds"].items()), ""]
     return "\n".join(lines)

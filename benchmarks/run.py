@@ -23,12 +23,12 @@ from pathlib import Path
 from reir.engine.bundle import Bundle, default_bundle
 from reir.engine.fsutil import write_json_atomic
 
-from . import end_to_end, indexes, stages, two_stage
+from . import cluster, end_to_end, indexes, stages, two_stage
 from .common import encoded_gallery, machine, machine_label
 from .figures import figures
 from .markdown import render
 
-SECTIONS = ("stages", "indexes", "two_stage", "end_to_end")
+SECTIONS = ("stages", "indexes", "two_stage", "end_to_end", "cluster")
 
 
 def slug(m: dict) -> str:
@@ -45,9 +45,11 @@ def run_report(
     tiers: tuple[int, ...] | None = None,
     index_sizes: tuple[int, ...] | None = None,
     requests: int = 400,
+    suffix: str = "",
 ) -> Path:
     """Run `sections` and write the report; returns the JSON path. `tiers`: gallery sizes
-    (images) of the two-stage comparison, default 1k and 10k (+ 100k with `full`)."""
+    (images) of the two-stage comparison, default 1k and 10k (+ 100k with `full`).
+    `suffix`: appended to the report's name (a run of some sections beside a full one)."""
 
     unknown = set(sections) - set(SECTIONS)
     if unknown:
@@ -55,7 +57,7 @@ def run_report(
     bundle_path = Path(bundle or default_bundle())
     b = Bundle.open(bundle_path)
     m = machine()
-    name = f"{slug(m)}-{datetime.now(UTC).date().isoformat()}"
+    name = f"{slug(m)}-{datetime.now(UTC).date().isoformat()}" + (f"-{suffix}" if suffix else "")
     out.mkdir(parents=True, exist_ok=True)
     partial = out / f"{name}.partial.json"
     own_work = work is None
@@ -75,6 +77,7 @@ def run_report(
         + (" --full" if full else "")
         + (f" --sections {','.join(sections)}" if tuple(sections) != SECTIONS else "")
         + (f" --index-sizes {','.join(map(str, index_sizes))}" if index_sizes else "")
+        + (f" --name {suffix}" if suffix else "")
         + ("" if own_work else f" --work {work}"),
         # galleries and encodings found in --work are reused, and their time is not in the total
         "reused": []
@@ -109,6 +112,10 @@ def run_report(
                 e2e_work = work / "e2e"
                 shutil.rmtree(e2e_work, ignore_errors=True)
                 report["end_to_end"] = end_to_end.run(bundle_path, e2e_work, min(1000, images), requests)
+            elif section == "cluster":
+                cluster_work = work / "cluster"
+                shutil.rmtree(cluster_work, ignore_errors=True)
+                report["cluster"] = cluster.run(bundle_path, cluster_work, min(1000, images), requests)
             report["seconds"][section] = round(time.perf_counter() - t, 1)
             write_json_atomic(partial, report)
         report["seconds"]["total"] = round(time.perf_counter() - t0, 1)

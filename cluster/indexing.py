@@ -35,9 +35,11 @@ from reir.engine.sharded_gallery import ShardedGallery, is_sharded
 SAVE_EVERY_S = 30.0  # index commit points while writing, as `reir index` does
 
 
-def list_source(source: str | Path) -> tuple[list[Path], list[str]]:
-    """Image paths from a directory, a list file, or a Parquet manifest with a `path`
-    column (relative paths are relative to the manifest)."""
+def list_source(source: str | Path | list) -> tuple[list[Path], list[str]]:
+    """Image paths from a directory, a list file, a Parquet manifest with a `path` column
+    (relative paths are relative to the manifest), or a list of paths."""
+    if isinstance(source, list | tuple):
+        return [Path(p) for p in source], []
     source = Path(source)
     if source.suffix != ".parquet":
         return list_images(source)
@@ -122,7 +124,7 @@ def _detections(row: dict, dim: int) -> Detections:
 
 
 def index_on_ray(
-    source: str | Path,
+    source: str | Path | list,
     gallery: str | Path,
     bundle: str | Path,
     shards: int | None = None,

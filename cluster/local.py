@@ -39,6 +39,13 @@ class LocalCluster:
         self.workers: list = []
 
     def __enter__(self) -> LocalCluster:
+        from ray._private import ray_constants
+
+        if ray_constants.ENABLE_RAY_CLUSTER:  # Ray was imported before this module set it
+            raise RuntimeError(
+                "Ray was imported before reir.cluster.local, so its nodes would not stay on 127.0.0.1: "
+                "import reir.cluster.local first, or set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 in the environment"
+            )
         if ray.is_initialized():
             ray.shutdown()
         # Ray's socket paths must stay under 107 bytes: a short directory, not pytest's tmp_path

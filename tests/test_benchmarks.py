@@ -112,3 +112,8 @@ def test_every_report_section_runs_on_the_shipped_bundle(tmp_path):
     assert report["bundle"]["dim"] == 448 and set(SECTIONS) <= set(report)
     assert {r["vectors"] for r in report["indexes"]["rows"]} == {report["indexes"]["rows"][0]["vectors"]}
     assert report["end_to_end"]["rows"]["embedded_c1"]["p50_ms"] > 0
+    cl = report["cluster"]
+    assert {f"serve_{s}shard_c{c}" for s in (1, 2, 4) for c in (1, 4, 16)} <= set(cl["rows"])
+    assert all(r["n"] == cl["requests"] and r["p50_ms"] > 0 for r in cl["rows"].values())
+    assert set(cl["indexing"]["ray"]) == {"1", "2", "4"} and min(cl["indexing"]["ray"].values()) > 0
+    assert f"{report['name']}-serving.png" in report["figures"]

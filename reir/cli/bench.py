@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import subprocess
 import sys
 from datetime import UTC, datetime
@@ -31,7 +32,8 @@ def register(sub) -> None:
     r.add_argument(
         "--full", action="store_true", help="add a 100k-image tier (BR@k on 2,000 drawn queries) and 10M instances"
     )
-    r.add_argument("--sections", default="stages,indexes,two_stage,end_to_end", help="comma-separated subset")
+    r.add_argument("--sections", default="stages,indexes,two_stage,end_to_end,cluster", help="comma-separated subset")
+    r.add_argument("--name", default="", help="suffix of the report's name (a part run beside a full one)")
     r.add_argument(
         "--index-sizes", help="instances per search-at-scale tier (default 50000,250000,1000000; --full adds 10M)"
     )
@@ -80,7 +82,10 @@ def run(args: argparse.Namespace) -> int:
         if sizes and min(sizes) < 100:
             print("reir: error: --index-sizes must be >= 100", file=sys.stderr)
             return 2
-        run_report(args.out, args.bundle, args.work, args.full, sections, index_sizes=sizes)
+        if args.name and not re.fullmatch(r"[a-z0-9-]+", args.name):
+            print("reir: error: --name takes lower-case letters, digits and '-'", file=sys.stderr)
+            return 2
+        run_report(args.out, args.bundle, args.work, args.full, sections, index_sizes=sizes, suffix=args.name)
         return 0
     from reir.benchmarks.run import slug  # faiss, usearch, matplotlib: the bench extra
 

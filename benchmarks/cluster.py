@@ -1,0 +1,114 @@
+"""The gallery on Ray, measured beside the embedded engine in one run.
+
+Queries: the embedded engine (Retriever, in process) against the Ray Serve app with 1, 2
+and 4 shards (one replica each), closed-loop load at concurrency 1, 4 and 16, unique
+texts (no cache hit on either side). Indexing: images/s of `index_on_ray` with 1, 2 and 4
+encoder actors beside one `reir index` process.
+
+Everything runs on a local Ray cluster of two nodes on this host: on a 2-core machine the
+numbers measure Ray's overhead (serialisation, the HTTP proxy, fan-out, actor hops), not a
+speed-up; more workers than cores only compete.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+from reir.datasets.synth import SynthConfig, generate
+from reir.engine.detections import Detections
+from reir.engine.engine import Engine
+from reir.engine.gallery import Gallery
+from reir.engine.indexer import index_images
+from reir.engine.records import NewImage
+from reir.engine.retriever import Retriever
+from reir.engine.sharded_gallery import ShardedGallery
+
+from .common import closed_loop
+
+CONCURRENCY = (1, 4, 16)
+SHARDS = (1, 2, 4)
+WORKERS = (1, 2, 4)
+PORT = 18831
+
+
+def _stored(g: Gallery) -> list[NewImage]:
+    """Every image of a gallery as it was added (so shard copies skip the detector)."""
+    out = []
+    for image_id, path, sha, w, h, n in g.db.execute("SELECT id, path, sha256, width, height, bytes FROM images"):
+        rows = g.db.execute(
+            "SELECT x1, y1, x2, y2, score, embedding FROM instances WHERE image_id = ? ORDER BY key", (image_id,)
+        ).fetchall()
+        boxes = np.array([r[:4] for r in rows], np.float64).reshape(-1, 4)
+        emb = np.array([np.frombuffer(r[5], np.float32) for r in rows], np.float32).reshape(len(rows), g.dim)
+        out.append(NewImage(path, sha, w, h, n, Detections(boxes, np.array([r[4] for r in rows]), emb)))
+    return out
+
+
+def run(bundle: Path, work: Path, images: int = 1000, requests: int = 400, index_images_n: int = 200) -> dict:
+    # Ray loads here, not at import: the report's other sections run without the cluster extra.
+    # reir.cluster.local first: it keeps Ray on loopback, which must be set before Ray loads.
+    from reir.cluster.local import LocalCluster  # isort: skip
+    from ray import serve
+
+    from reir.cluster.indexing import index_on_ray
+    from reir.cluster.serving import build_app, start
+    from reir.engine.serve_client import ServeRetriever
+
+    ds, _ = generate(work / "data", SynthConfig(images=images, seed=78, fractions=(0, 0, 1)), progress=False)
+    paths = [ds.image_path(i) for i in sorted(ds.images)]
+    engine = Engine.open(bundle, threads=1)
+    root = work / "root"
+    single = Gallery.create(root / "single", engine.dim, model=engine.model_id, bundle=str(bundle))
+    t0 = time.perf_counter()
+    index_images(single, engine, paths, progress=False)
+    one_process = len(paths) / (time.perf_counter() - t0)
+    stored = _stored(single)
+    for s in SHARDS:
+        with ShardedGallery.create(root / f"shards-{s}", s, engine.dim, model=engine.model_id) as g:
+            g.add(stored)
+    texts = sorted({e.text for e in ds.split_expressions("test")})[:requests]
+    rows: dict = {}
+    for c in CONCURRENCY:
+
+        def embedded():
+            e = Engine.open(bundle, threads=1)
+            r = Retriever(e, single)
+
+            def search(t):
+                e._cache.clear()
+                return r.search(t, k=10)
+
+            return search
+
+        rows[f"embedded_c{c}"] = closed_loop(embedded, texts, c)
+    indexing = {"images": min(index_images_n, len(paths)), "one_process_images_per_s": round(one_process, 1), "ray": {}}
+    with LocalCluster(nodes=2, cpus=2) as cluster:
+        for s in SHARDS:
+            url = start(build_app(bundle, root, [f"shards-{s}"], replicas=1), port=PORT)
+            ServeRetriever(url).search(texts[0])  # warm: the first call opens the sessions
+            for c in CONCURRENCY:
+                rows[f"serve_{s}shard_c{c}"] = closed_loop(lambda u=url: ServeRetriever(u).search, texts, c)
+            serve.delete("reir")
+        serve.shutdown()
+        for w in WORKERS:
+            target = work / f"ray-index-{w}"
+            shutil.rmtree(target, ignore_errors=True)
+            t = time.perf_counter()
+            report = index_on_ray(paths[:index_images_n], target, bundle, shards=2, workers=w, progress=False)
+            indexing["ray"][str(w)] = round(report.added / (time.perf_counter() - t), 1)
+        nodes = cluster.nodes
+    single.close()
+    return {
+        "images": images,
+        "instances": sum(len(n.detections.scores) for n in stored),
+        "requests": len(texts),
+        "concurrency": list(CONCURRENCY),
+        "shards": list(SHARDS),
+        "nodes": nodes,
+        "rows": rows,
+        "indexing": indexing,
+    }
