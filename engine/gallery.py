@@ -16,7 +16,6 @@ held-out sample queries how many candidates it needs for that (`info()["index"]`
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import shutil
@@ -28,7 +27,18 @@ from typing import Any
 
 import numpy as np
 
-from .gallery_db import SCHEMA, SCHEMA_VERSION, GalleryError, GalleryLocked, connect, query_sample, upgrade
+from .gallery_check import check_gallery
+from .gallery_db import (
+    SCHEMA,
+    SCHEMA_VERSION,
+    GalleryError,
+    GalleryLocked,
+    connect,
+    query_sample,
+    upgrade,
+    write_sample,
+    writer_lock,
+)
 from .gallery_index import GalleryIndex
 from .index_sync import catch_up, progress_bar, rebuild
 from .indexer import index_images
@@ -92,7 +102,7 @@ class Gallery:
                     ("created", str(time.time())),
                 ],
             )
-            _write_sample(db, queries, dim)
+            write_sample(db, queries, dim)
         g = cls(path, db, writable=True)
         g._acquire_writer()
         shutil.rmtree(path / "index", ignore_errors=True)
@@ -113,7 +123,7 @@ class Gallery:
             db.execute("SELECT 1 FROM sqlite_master").fetchone()
         except sqlite3.DatabaseError as e:
             raise GalleryError(f"{dbfile}: not a readable gallery database ({e})") from None
-        lock_fd = _writer_lock(path) if writable else None
+        lock_fd = writer_lock(path) if writable else None
         try:
             upgraded = upgrade(db, dbfile, writable)
             g = cls(path, db, writable)
@@ -221,7 +231,7 @@ class Gallery:
         with self._lock:
             with self.db:
                 self.db.execute("DELETE FROM query_sample")
-                _write_sample(self.db, queries, self.dim)
+                write_sample(self.db, queries, self.dim)
                 self._bump_generation()
             self._save_index(progress)
 
@@ -309,29 +319,7 @@ class Gallery:
     def check(self) -> list[str]:
         """Problems found (empty = consistent): SQLite itself, the index rows against SQLite,
         and the index's agreement with the exact scan, measured again now."""
-        problems = []
-        ok = self.db.execute("PRAGMA integrity_check").fetchone()[0]
-        if ok != "ok":
-            problems.append(f"{self.path / 'gallery.sqlite'}: integrity check: {ok}")
-        db_keys = np.array([r[0] for r in self.db.execute("SELECT key FROM instances ORDER BY key")], np.int64)
-        with self._lock:
-            store = self.index.store
-            live = np.sort(store.keys.array[store.alive.array])
-        extra, missing = np.setdiff1d(live, db_keys), np.setdiff1d(db_keys, live)
-        if len(extra):
-            problems.append(f"the index holds {len(extra)} vector(s) with no instance row")
-        if len(missing):
-            problems.append(f"{len(missing)} instance(s) missing from the index")
-        orphans = self.db.execute(
-            "SELECT COUNT(*) FROM instances WHERE image_id NOT IN (SELECT id FROM images)"
-        ).fetchone()[0]
-        if orphans:
-            problems.append(f"{orphans} instance row(s) whose image is gone")
-        measured = self.measure()
-        if measured is not None and not measured["met"]:
-            a = ", ".join(f"{k} {measured[k]:.4f}" for k in ("top1", "top10", "recall10"))
-            problems.append(f"the index agrees with the exact scan less than its targets ({a}); rebuild it")
-        return problems
+        return check_gallery(self)
 
     def measure(self) -> dict | None:
         """Agreement of the index with the exact scan on held-out sample queries, measured
@@ -397,32 +385,8 @@ class Gallery:
         self.tags = TagIndex.load(self.db)
 
     def _acquire_writer(self) -> None:
-        self._lock_fd = _writer_lock(self.path)
+        self._lock_fd = writer_lock(self.path)
 
     def _require_writer(self) -> None:
         if not self.writable:
             raise GalleryError(f"{self.path}: opened read-only; open with writable=True to change it")
-
-
-def _writer_lock(path: Path) -> int:
-    fd = os.open(path / "writer.lock", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        pid = os.read(fd, 32).decode(errors="replace").strip() or "?"
-        os.close(fd)
-        raise GalleryLocked(f"{path}: gallery is being written by pid {pid}; wait for it to finish") from None
-    os.ftruncate(fd, 0)
-    os.write(fd, str(os.getpid()).encode())
-    return fd
-
-
-def _write_sample(db: sqlite3.Connection, queries: np.ndarray | None, dim: int) -> None:
-    if queries is None:
-        return
-    q = np.atleast_2d(np.asarray(queries, np.float32))
-    if q.shape[1] != dim:
-        raise GalleryError(f"query sample dim {q.shape[1]} != gallery dim {dim}")
-    if not np.isfinite(q).all():
-        raise GalleryError("query sample holds NaN or infinite values")
-    db.executemany("INSERT INTO query_sample (vector) VALUES (?)", [(v.tobytes(),) for v in q])

@@ -11,6 +11,8 @@ command that upgrades it, never read with the wrong layout.
 
 from __future__ import annotations
 
+import fcntl
+import os
 import sqlite3
 from pathlib import Path
 
@@ -93,3 +95,28 @@ def query_sample(db: sqlite3.Connection) -> np.ndarray | None:
     """The stored query vectors the index is fitted to (None: there are none)."""
     rows = db.execute("SELECT vector FROM query_sample ORDER BY id").fetchall()
     return np.stack([np.frombuffer(r[0], np.float32) for r in rows]) if rows else None
+
+
+def writer_lock(path: Path) -> int:
+    """One writer per gallery: an exclusive flock on G/writer.lock, which names its pid."""
+    fd = os.open(path / "writer.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        pid = os.read(fd, 32).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise GalleryLocked(f"{path}: gallery is being written by pid {pid}; wait for it to finish") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    return fd
+
+
+def write_sample(db: sqlite3.Connection, queries: np.ndarray | None, dim: int) -> None:
+    if queries is None:
+        return
+    q = np.atleast_2d(np.asarray(queries, np.float32))
+    if q.shape[1] != dim:
+        raise GalleryError(f"query sample dim {q.shape[1]} != gallery dim {dim}")
+    if not np.isfinite(q).all():
+        raise GalleryError("query sample holds NaN or infinite values")
+    db.executemany("INSERT INTO query_sample (vector) VALUES (?)", [(v.tobytes(),) for v in q])
