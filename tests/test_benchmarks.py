@@ -117,3 +117,9 @@ def test_every_report_section_runs_on_the_shipped_bundle(tmp_path):
     assert all(r["n"] == cl["requests"] and r["p50_ms"] > 0 for r in cl["rows"].values())
     assert set(cl["indexing"]["ray"]) == {"1", "2", "4"} and min(cl["indexing"]["ray"].values()) > 0
     assert f"{report['name']}-serving.png" in report["figures"]
+    from reir.benchmarks import capacity
+
+    m = capacity.measured(report, report, None)
+    plan = capacity.plan(m, qps=100, node_cores=32, node_gib=256, gpus=(8,))
+    assert [r["shards"] for r in plan] == sorted(r["shards"] for r in plan) and plan[-1]["shards"] > plan[0]["shards"]
+    assert capacity.main([str(path), str(path)]) == 0
