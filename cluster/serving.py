@@ -83,10 +83,24 @@ class ShardSearch:
 @serve.deployment(ray_actor_options={"num_cpus": 0})
 class Front:
     def __init__(
-        self, bundle: str, root: str, galleries: dict, deadline_s: float = 5.0, retries: int = 2, threads: int = 1
+        self,
+        bundle: str,
+        root: str,
+        galleries: dict,
+        deadline_s: float = 5.0,
+        retries: int = 2,
+        threads: int = 1,
+        encoder: str | None = None,
     ):
+        """encoder: a Triton URL (grpc://HOST:8001) whose `encode_query` encodes the text,
+        instead of ONNX Runtime in this replica (docs/cluster.md, "How Triton fits")."""
         bind_replica_grpc_to_node()
-        self.engine = Engine(Bundle.open(bundle), threads=threads, visual=False)
+        if encoder:
+            from reir.engine.triton_client import TritonRetriever  # tritonclient: the triton extra
+
+            self.encode = TritonRetriever(encoder).encode
+        else:
+            self.encode = Engine(Bundle.open(bundle), threads=threads, visual=False).encode
         self.root = Path(root).resolve()
         self.galleries = galleries  # name -> list of shard handles, in shard order
         self.deadline_s, self.retries = deadline_s, retries
@@ -103,7 +117,7 @@ class Front:
 
     async def search(self, body) -> dict:
         texts, k, per_image, tags, name = parse_request(body, self.root, self.galleries)
-        queries, truncated = self.engine.encode(texts)
+        queries, truncated = self.encode(texts)
         shards = self.galleries[name]
         deadline = time.monotonic() + self.deadline_s
         answers = await asyncio.gather(*(self._ask(h, queries, k, per_image, tags, deadline) for h in shards))
@@ -167,9 +181,17 @@ def parse_request(body, root: Path, galleries: dict) -> tuple[list[str], int, bo
     return texts, k, per_image, tags or None, name
 
 
-def build_app(bundle: str | Path, root: str | Path, galleries: list[str], replicas: int = 1, deadline_s: float = 5.0):
+def build_app(
+    bundle: str | Path,
+    root: str | Path,
+    galleries: list[str],
+    replicas: int = 1,
+    deadline_s: float = 5.0,
+    encoder: str | None = None,
+):
     """The Serve application: a Front and, per gallery, one ShardSearch deployment per shard.
-    `galleries` are directory names under `root` (sharded or not)."""
+    `galleries` are directory names under `root` (sharded or not); `encoder`: a Triton URL
+    that encodes the text instead of the front's own ONNX Runtime session."""
     root = Path(root).resolve()
     handles = {}
     for name in galleries:
@@ -183,7 +205,7 @@ def build_app(bundle: str | Path, root: str | Path, galleries: list[str], replic
             )
             for s in range(shards)
         ]
-    return Front.bind(str(bundle), str(root), handles, deadline_s)
+    return Front.bind(str(bundle), str(root), handles, deadline_s, encoder=encoder)
 
 
 def start(

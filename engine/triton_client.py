@@ -130,6 +130,26 @@ class TritonRetriever:
         hits, self.last_truncated = _hits(res)
         return hits if many else hits[0]
 
+    def encode(self, texts: list[str]) -> tuple[np.ndarray, list[bool]]:
+        """Query vectors [N, D] and truncation flags from the server's `encode_query`
+        ensemble: what a search front end (the Ray Serve app's `--encoder`) calls instead
+        of running the text encoder itself, when Triton serves the models on GPU hosts."""
+        texts, _ = _validate(list(texts))
+        arr = np.array([[t.encode("utf-8")] for t in texts], dtype=object)
+        text = self.mod.InferInput("TEXT", list(arr.shape), "BYTES")
+        text.set_data_from_numpy(arr)
+        outputs = [self.mod.InferRequestedOutput(n) for n in ("query", "truncated")]
+        for attempt in range(self.retries + 1):
+            try:
+                kwargs = {"client_timeout": self.timeout_s} if self.protocol == "grpc" else {}
+                res = self.client.infer("encode_query", [text], outputs=outputs, **kwargs)
+                break
+            except Exception as e:
+                if attempt == self.retries or not _retryable(e):
+                    raise TritonError(f"{self.protocol}://{self.url} encode_query: {_message(e)}") from None
+                time.sleep(0.1 * 2**attempt)
+        return res.as_numpy("query").astype(np.float32), [bool(t) for t in res.as_numpy("truncated").reshape(-1)]
+
     def close(self) -> None:
         self.client.close()
 

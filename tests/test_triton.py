@@ -106,6 +106,18 @@ def test_server_results_equal_the_embedded_engine(setup, server, protocol):
 
 
 @needs_server
+def test_encode_query_equals_the_embedded_text_encoder(setup, server):
+    """What a Ray Serve front end calls with --encoder: the same vectors as ONNX Runtime here."""
+    from reir.engine.triton_client import TritonRetriever
+
+    with TritonRetriever(server.grpc_url) as remote:
+        q, cut = remote.encode([*EXPRESSIONS, "red " * 200])
+    local, local_cut = setup[1].engine.encode([*EXPRESSIONS, "red " * 200])
+    np.testing.assert_allclose(q, local, rtol=0, atol=1e-4 * float(np.abs(local).max()))
+    assert cut == local_cut == [False] * len(EXPRESSIONS) + [True]
+
+
+@needs_server
 def test_async_client(setup, server):
     from reir.engine.triton_client import AsyncTritonRetriever
 

@@ -39,6 +39,7 @@ def register(sub) -> None:
     p.add_argument("--bundle", type=Path, help="default: the first gallery's bundle, else the shipped model")
     p.add_argument("--replicas", type=int, default=1, help="replicas per shard")
     p.add_argument("--deadline", type=float, default=5.0, help="seconds a request waits for its shards")
+    p.add_argument("--encoder", help="a Triton server that encodes the text (grpc://HOST:8001), not ONNX Runtime here")
     p.add_argument("--host", default="127.0.0.1", help="HTTP bind address; 0.0.0.0 exposes it to the network")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--address", help="a running Ray cluster (default: start one on this host, loopback only)")
@@ -107,7 +108,9 @@ def _serve(args: argparse.Namespace) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: binding {args.host}: the app is reachable from the network", file=sys.stderr)
     try:
-        url = start(build_app(bundle, root, args.gallery, args.replicas, args.deadline), args.port, args.host)
+        url = start(
+            build_app(bundle, root, args.gallery, args.replicas, args.deadline, args.encoder), args.port, args.host
+        )
         print(f"ready: {url}  (reir search --server {url.replace('http://', 'ray://')} ...); Ctrl-C stops it")
         while True:
             time.sleep(1)
