@@ -278,3 +278,35 @@ def test_losing_every_replica_of_a_shard_gives_flagged_partial_answers_then_full
         time.sleep(1)
     assert not was_partial, "shard 1 did not come back within two minutes"
     assert [h.path for h in hits] == [h.path for h in ref]
+
+
+def test_the_whole_indexing_job_killed_then_rerun_finishes_exactly_once(synth_small, single, tmp_path):
+    """`reir cluster index` (its own Ray on this host) killed with SIGKILL once images are
+    committed; the same command again completes the gallery, and no Ray process is left."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import psutil
+
+    cmd = [sys.executable, "-m", "reir.cli", "cluster", "index", str(synth_small / "images")]
+    cmd += ["--gallery", str(tmp_path / "g"), "--shards", "2", "--workers", "1", "--quiet"]
+    env = dict(os.environ, RAY_TMPDIR=str(tmp_path / "ray"))
+    (tmp_path / "ray").mkdir()
+    job = subprocess.Popen(cmd, env=env, start_new_session=True, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and _committed(tmp_path / "g") == 0 and job.poll() is None:
+        time.sleep(0.2)
+    assert job.poll() is None and 0 < _committed(tmp_path / "g") < 120, "the job was not killed mid-way"
+    os.killpg(job.pid, signal.SIGKILL)  # the driver and everything it started
+    job.wait(timeout=30)
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "already indexed" in res.stdout and " 0 already indexed" not in res.stdout
+    with ShardedGallery.open(tmp_path / "g", progress=False) as g:
+        assert g.info()["images"] == 120 and set(_rows(g)) == set(_rows(single))
+        assert g.check() == []
+    time.sleep(2)
+    left = [p for p in psutil.process_iter(["cmdline"]) if str(tmp_path / "ray") in " ".join(p.info["cmdline"] or [])]
+    assert not left, f"Ray processes left behind: {[p.pid for p in left]}"
