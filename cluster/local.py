@@ -13,6 +13,9 @@ import os
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # before ray is imported: see above
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage report leaves the host
+# Serve kills an HTTP proxy not ready within 5 s and serve.start() then fails instead of
+# waiting for its replacement; several nodes starting on a loaded 2-core host take longer.
+os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
 
 import shutil
 import tempfile

@@ -292,13 +292,17 @@ def test_the_whole_indexing_job_killed_then_rerun_finishes_exactly_once(synth_sm
 
     cmd = [sys.executable, "-m", "reir.cli", "cluster", "index", str(synth_small / "images")]
     cmd += ["--gallery", str(tmp_path / "g"), "--shards", "2", "--workers", "1", "--quiet"]
-    env = dict(os.environ, RAY_TMPDIR=str(tmp_path / "ray"))
-    (tmp_path / "ray").mkdir()
-    job = subprocess.Popen(cmd, env=env, start_new_session=True, stderr=subprocess.PIPE, text=True)
+    import tempfile
+
+    ray_tmp = tempfile.mkdtemp(prefix="reir-ray-", dir="/tmp")  # Ray's socket paths must stay short
+    env = dict(os.environ, RAY_TMPDIR=ray_tmp)
+    log = (tmp_path / "job.log").open("w")
+    job = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and _committed(tmp_path / "g") == 0 and job.poll() is None:
         time.sleep(0.2)
-    assert job.poll() is None and 0 < _committed(tmp_path / "g") < 120, "the job was not killed mid-way"
+    running = job.poll() is None
+    assert running and 0 < _committed(tmp_path / "g") < 120, (tmp_path / "job.log").read_text()[-3000:]
     os.killpg(job.pid, signal.SIGKILL)  # the driver and everything it started
     job.wait(timeout=30)
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
@@ -308,5 +312,6 @@ def test_the_whole_indexing_job_killed_then_rerun_finishes_exactly_once(synth_sm
         assert g.info()["images"] == 120 and set(_rows(g)) == set(_rows(single))
         assert g.check() == []
     time.sleep(2)
-    left = [p for p in psutil.process_iter(["cmdline"]) if str(tmp_path / "ray") in " ".join(p.info["cmdline"] or [])]
+    left = [p for p in psutil.process_iter(["cmdline"]) if ray_tmp in " ".join(p.info["cmdline"] or [])]
     assert not left, f"Ray processes left behind: {[p.pid for p in left]}"
+    shutil.rmtree(ray_tmp, ignore_errors=True)

@@ -50,6 +50,7 @@ def _connect(address: str | None):
     # Ray loads inside the handlers: it is an optional extra and takes seconds to import.
     # Read at Ray's import: keep a Ray started here on 127.0.0.1 (docs/cluster.md).
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")  # a slow host: docs/cluster.md
     try:
         import ray
     except ImportError:
