@@ -252,7 +252,9 @@ def test_stopping_reir_serve_leaves_no_process_behind(setup, sig):
     ports = [free_port() for _ in range(3)]
     cmd = [sys.executable, "-m", "reir.cli", "serve", "--repository", str(repo), "--python", str(SERVER_PYTHON)]
     cmd += ["--http-port", str(ports[0]), "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2])]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # started as a shell starts a background job: SIGINT ignored, which the child inherits
+    background = lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)  # noqa: E731
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, preexec_fn=background)
     try:
         line = ""
         while not line.startswith("ready:"):

@@ -46,6 +46,9 @@ def _serve(args: argparse.Namespace) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, stop)
+    # A shell starts background jobs with SIGINT ignored, and a child inherits that: take
+    # SIGINT back, or `kill -INT` would never stop the server.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
     server = TritonServer(
         args.repository,
