@@ -38,7 +38,7 @@ def measured(report: dict, cluster: dict, micro: dict | None) -> dict:
         "shard_p99_ms": shard["p99_ms"],
         "hot_bytes": shard["bytes_resident"],
         "vector_bytes": report["bundle"]["dim"] * 2,
-        "disk_bytes": max(r["bytes_disk"] or 0 for r in rows),
+        "disk_bytes": shard["bytes_disk"],
         "instances_per_image": g["instances"] / g["images"],
         "ray_added_p99_ms": max(0.0, c["serve_1shard_c1"]["p99_ms"] - c["embedded_c1"]["p99_ms"]),
         "decode_ms_per_image": report["stages"]["image"]["read_resize_ms_per_image"],
@@ -78,7 +78,7 @@ def plan(m: dict, qps: float, node_cores: int, node_gib: float, gpus: tuple[int,
         if "gpu_images_per_s" in m:
             for n in gpus:
                 hours = images / (m["gpu_images_per_s"] * n) / 3600
-                row[f"index on {n} GPUs"] = f"{hours:,.1f} h"
+                row[f"index on {n} GPUs"] = f"{hours:,.1f} h" if hours >= 1 else f"{hours * 60:.0f} min"
         rows.append(row)
     return rows
 
