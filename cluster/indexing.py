@@ -155,7 +155,7 @@ def index_on_ray(
         )
         seen: set[str] = set()
         bar = tqdm(total=len(paths), desc="indexing", unit="img", disable=not progress)
-        for rows in ds.iter_batches(batch_size=64, batch_format="numpy"):
+        for rows in ds.iter_batches(batch_size=batch, batch_format="numpy"):  # a transaction per batch
             news = _new_images(rows, g, seen, report, tags)
             save = time.perf_counter() - last_save >= SAVE_EVERY_S
             if news:

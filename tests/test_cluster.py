@@ -303,7 +303,7 @@ def test_the_whole_indexing_job_killed_then_rerun_finishes_exactly_once(synth_sm
     import psutil
 
     cmd = [sys.executable, "-m", "reir.cli", "cluster", "index", str(synth_small / "images")]
-    cmd += ["--gallery", str(tmp_path / "g"), "--shards", "2", "--workers", "1", "--quiet"]
+    cmd += ["--gallery", str(tmp_path / "g"), "--shards", "2", "--workers", "1", "--batch", "4", "--quiet"]
     import tempfile
 
     ray_tmp = tempfile.mkdtemp(prefix="reir-ray-", dir="/tmp")  # Ray's socket paths must stay short
@@ -312,7 +312,7 @@ def test_the_whole_indexing_job_killed_then_rerun_finishes_exactly_once(synth_sm
     job = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and _committed(tmp_path / "g") == 0 and job.poll() is None:
-        time.sleep(0.2)
+        time.sleep(0.02)  # a transaction every 4 images: the first one comes long before the last
     running = job.poll() is None
     assert running and 0 < _committed(tmp_path / "g") < 120, (tmp_path / "job.log").read_text()[-3000:]
     os.killpg(job.pid, signal.SIGKILL)  # the driver and everything it started
