@@ -24,10 +24,9 @@ from reir.engine.engine import Engine
 from reir.engine.gallery import Gallery
 from reir.engine.indexer import index_images
 from reir.engine.records import NewImage
-from reir.engine.retriever import Retriever
 from reir.engine.sharded_gallery import ShardedGallery
 
-from .common import closed_loop
+from .common import closed_loop, embedded_client
 
 CONCURRENCY = (1, 4, 16)
 SHARDS = (1, 2, 4)
@@ -73,18 +72,7 @@ def run(bundle: Path, work: Path, images: int = 1000, requests: int = 400, index
     texts = sorted({e.text for e in ds.split_expressions("test")})[:requests]
     rows: dict = {}
     for c in CONCURRENCY:
-
-        def embedded():
-            e = Engine.open(bundle, threads=1)
-            r = Retriever(e, single)
-
-            def search(t):
-                e._cache.clear()
-                return r.search(t, k=10)
-
-            return search
-
-        rows[f"embedded_c{c}"] = closed_loop(embedded, texts, c)
+        rows[f"embedded_c{c}"] = closed_loop(embedded_client(bundle, single), texts, c)
     indexing = {"images": min(index_images_n, len(paths)), "one_process_images_per_s": round(one_process, 1), "ray": {}}
     with LocalCluster(nodes=2, cpus=2) as cluster:
         for s in SHARDS:

@@ -21,7 +21,9 @@ import numpy as np
 from reir.datasets import load_dataset
 from reir.datasets.synth import SynthConfig, generate
 from reir.engine.detections import Detections
+from reir.engine.engine import Engine
 from reir.engine.gallery import Gallery, NewImage
+from reir.engine.retriever import Retriever
 from reir.evaluation.protocol import encode_gallery
 
 
@@ -106,6 +108,23 @@ def closed_loop(make_search: Callable, texts: list[str], concurrency: int) -> di
         lat = [x for part in pool.map(worker, chunks) for x in part]
     wall = time.perf_counter() - t0
     return {**summarise_ms(lat), "qps": round(len(texts) / wall, 1)}
+
+
+def embedded_client(bundle, gallery) -> Callable:
+    """A closed_loop client factory for the embedded engine: one Engine per thread over a
+    shared gallery, its text cache cleared per query (Triton and Ray have none to hit)."""
+
+    def make():
+        e = Engine.open(bundle, threads=1)
+        r = Retriever(e, gallery)
+
+        def search(t):
+            e._cache.clear()
+            return r.search(t, k=10)
+
+        return search
+
+    return make
 
 
 @dataclass

@@ -24,12 +24,11 @@ from reir.engine.bundle import default_bundle
 from reir.engine.engine import Engine
 from reir.engine.fsutil import write_json_atomic
 from reir.engine.gallery import Gallery
-from reir.engine.retriever import Retriever
 from reir.engine.triton_client import TritonRetriever
 from reir.engine.triton_server import TritonServer
 from reir.export.triton import write_repository
 
-from .common import closed_loop
+from .common import closed_loop, embedded_client
 
 CONCURRENCY = (1, 4, 16)
 
@@ -48,18 +47,7 @@ def run(bundle: Path, work: Path, images: int = 1000, requests: int = 400, pytho
     local_gallery = Gallery.open(work / "galleries" / "main", progress=False)
     rows: dict = {}
     for c in CONCURRENCY:
-
-        def embedded():
-            e = Engine.open(bundle, threads=1)
-            r = Retriever(e, local_gallery)
-
-            def search(t):
-                e._cache.clear()
-                return r.search(t, k=10)
-
-            return search
-
-        rows[f"embedded_c{c}"] = closed_loop(embedded, texts, c)
+        rows[f"embedded_c{c}"] = closed_loop(embedded_client(bundle, local_gallery), texts, c)
     out = {"images": images, "requests": requests, "concurrency": list(CONCURRENCY), "rows": rows}
     python = python or Path(".venv-triton/bin/python")
     if not python.exists():
