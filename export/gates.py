@@ -7,6 +7,7 @@ number, a limit and a verdict; a failed gate stops the export and prints all of 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -21,10 +22,6 @@ from reir.evaluation.protocol import DetectFn, EncodeTextFn, evaluate_retrieval
 PROBE_SEED = 61  # a seed no recipe trains on
 PARITY_IMAGES = 32
 PARITY_TEXTS = 128
-# MORE routes each query to its top-K experts. Where another choice of K is within this of the
-# fp32 model's own (in softmax gate), a reduced-precision graph may take it: its query is then
-# compared with the fp32 model's query under that routing, and the flip counted.
-ROUTING_TIE = 0.01
 KS = (1, 5, 10)
 
 
@@ -58,10 +55,14 @@ def parity(
     ds: Dataset,
     input_hw: tuple[int, int],
     tie_routings: tuple[EncodeTextFn, ...] = (),
+    tie_proposals: Callable[[np.ndarray], list[tuple]] | None = None,
 ) -> dict[str, float]:
     """Embedding and box agreement of `cand` with `ref` on the first probe images and texts.
-    `tie_routings`: the reference's queries under each other MORE routing, where that routing
-    ties with its own (ROUTING_TIE); a text is compared with the routing that explains it."""
+
+    `tie_routings`: the reference's queries under each other MORE routing, where it ties with
+    its own; `tie_proposals`: of images, the reference's detections under each exchange of two
+    tied proposal ranks (export/ties.py). A text or an instance is compared with the choice
+    that explains it, and the flips are counted."""
     ids = ds.gallery_image_ids("test")[:PARITY_IMAGES]
     images = np.stack([resize_rgb(read_rgb(ds.image_path(i)), *input_hw) for i in ids])
     texts = [e.text for e in sorted(ds.split_expressions("test"), key=lambda e: e.id)][:PARITY_TEXTS]
@@ -69,17 +70,15 @@ def parity(
     cb, _, ce, cn = cand[0](images)
     q_ref, q_cand = ref[1](texts), cand[1](texts)
     q_rel, q_cos = _agreement(q_ref, q_cand)
-    flipped = np.zeros(len(texts), bool)
+    q_flipped = np.zeros(len(texts), bool)
     for routing in tie_routings:
         q_alt = routing(texts)
-        a_rel, a_cos = _agreement(q_alt, q_cand)
         at_tie = _agreement(q_ref, q_alt)[1] < 1 - 1e-6  # elsewhere the routing is the text's own
-        # It took this routing: that query explains it at least twice as well, and the gap is real.
-        took = at_tie & (1 - a_cos < 0.5 * (1 - q_cos)) & (q_cos < 1 - 1e-4)
-        q_rel, q_cos, flipped = np.where(took, a_rel, q_rel), np.where(took, a_cos, q_cos), flipped | took
-    q_rel, q_cos = float(q_rel.max()), float(q_cos.min())
-    min_iou, counts_equal, matched, total = 1.0, True, 0, 0
-    rel, cos = [np.zeros(0)], [np.zeros(0)]
+        q_rel, q_cos, took = _explained(q_rel, q_cos, *_agreement(q_alt, q_cand), at_tie)
+        q_flipped |= took
+    alternatives = tie_proposals(images) if tie_proposals else []
+    min_iou, counts_equal, total = 1.0, True, 0
+    rel, cos, flipped = [np.zeros(0)], [np.zeros(0)], [np.zeros(0, bool)]
     for b in range(len(images)):
         n, m = int(rn[b]), int(cn[b])
         counts_equal &= n == m
@@ -88,27 +87,57 @@ def parity(
             min_iou = min(min_iou, 1.0 if n == m else 0.0)
             continue
         iou = pairwise_iou(rb[b, :n].astype(np.float64), cb[b, :m].astype(np.float64))
-        best, best_iou = iou.argmax(1), iou.max(1)
-        min_iou = min(min_iou, float(best_iou.min()))
-        # The same instance: box IoU >= 0.99 and each the other's best match. Where the two
-        # graphs' NMS kept different queries for one object, the pair is left out (and counted).
-        same = (best_iou >= 0.99) & (iou.argmax(0)[best] == np.arange(n))
-        matched += int(same.sum())
-        r, c = _agreement(re_[b, :n][same], ce[b, best[same]])
+        min_iou = min(min_iou, float(iou.max(1).min()))
+        i, j = _same_instances(iou)
+        r, c = _agreement(re_[b, i], ce[b, j])
+        took = np.zeros(len(j), bool)
+        for ab, _, ae, an in alternatives:
+            k = int(an[b])
+            if k == 0:
+                continue
+            alt_iou = pairwise_iou(ab[b, :k].astype(np.float64), cb[b, :m].astype(np.float64))
+            ai, aj = _same_instances(alt_iou)
+            at = np.full(m, -1)
+            at[aj] = ai  # the alternative's instance for each candidate one, where there is one
+            has = at[j] >= 0
+            a_rel, a_cos = np.ones(len(j)), np.full(len(j), -1.0)
+            a_rel[has], a_cos[has] = _agreement(ae[b, at[j][has]], ce[b, j[has]])
+            r, c, t = _explained(r, c, a_rel, a_cos, has)
+            took |= t
         rel.append(r)
         cos.append(c)
-    rel_all, cos_all = np.concatenate(rel), np.concatenate(cos)
+        flipped.append(took)
+    rel_all, cos_all, flipped_all = np.concatenate(rel), np.concatenate(cos), np.concatenate(flipped)
     return {
-        "query_max_rel_err": q_rel,
-        "query_min_cos": q_cos,
-        "query_routing_flips": float(flipped.mean()) if len(texts) else 0.0,
+        "query_max_rel_err": float(q_rel.max()),
+        "query_min_cos": float(q_cos.min()),
+        "query_routing_flips": float(q_flipped.mean()) if len(texts) else 0.0,
         "instance_max_rel_err": float(rel_all.max()) if len(rel_all) else 0.0,
         "instance_mean_cos": float(cos_all.mean()) if len(cos_all) else 1.0,
         "instance_min_cos": float(cos_all.min()) if len(cos_all) else 1.0,
+        "instance_proposal_flips": float(flipped_all.mean()) if len(flipped_all) else 0.0,
         "box_min_iou": min_iou,
-        "instances_matched": matched / max(total, 1),
+        "instances_matched": len(cos_all) / max(total, 1),
         "num_detections_equal": float(counts_equal),
     }
+
+
+def _same_instances(iou: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs (reference row, candidate column) that are the same instance: box IoU >= 0.99 and
+    each the other's best match. Where the two graphs' NMS kept different queries for one
+    object, the pair is left out (`instances_matched` counts them)."""
+    best = iou.argmax(1)
+    same = (iou.max(1) >= 0.99) & (iou.argmax(0)[best] == np.arange(iou.shape[0]))
+    return np.nonzero(same)[0], best[same]
+
+
+def _explained(
+    rel: np.ndarray, cos: np.ndarray, alt_rel: np.ndarray, alt_cos: np.ndarray, at_tie: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Where the candidate took the alternative choice (at a tie, the alternative explains it
+    at least twice as well, and the gap to the own choice is real), compare it with that."""
+    took = at_tie & (1 - alt_cos < 0.5 * (1 - cos)) & (cos < 1 - 1e-4)
+    return np.where(took, alt_rel, rel), np.where(took, alt_cos, cos), took
 
 
 def _agreement(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -144,11 +173,11 @@ def gate_reduced(precision: str, par: dict[str, float], ref: dict[str, float], c
     int8: cosine >= 0.99, within 2.
 
     Text queries: the minimum cosine, each to the fp32 query under the MORE routing it took
-    where that routing ties with the fp32 one (the share that did is recorded: how often depends
-    on how decisive the trained router is, and its effect on retrieval the BR gates measure).
-    Instances: the mean over the same instance in both graphs; the minimum is recorded, not
-    gated: it is set by NMS keeping a different one of two near-identical queries on an object
-    (cosine ~0.9 between them), a detection change whose effect on retrieval the BR gates measure."""
+    where that routing ties with the fp32 one. Instances: the mean over the same instance in
+    both graphs, each to the fp32 instance under the proposal ranking it took where two ranks
+    tie (export/ties.py). The share of flips is recorded: how often depends on how decisive the
+    trained model is, and their effect on retrieval the BR gates measure. The instance minimum
+    is recorded, not gated: NMS may keep another of two near-identical queries on an object."""
     cos_limit, br_limit = {"fp32": (0.9999, 0.5), "w16": (0.999, 1.0), "fp16": (0.999, 1.0), "int8": (0.99, 2.0)}[
         precision
     ]

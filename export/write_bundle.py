@@ -29,13 +29,13 @@ from reir.engine.fsutil import atomic_directory
 from reir.training.checkpoint import load_model
 from reir.training.config import EvalConfig
 from reir.training.evaluate import torch_detector, torch_text_encoder
-from reir.training.more import routed, tie_routings
 from reir.training.text_branch import load_tokenizer
 
 from . import gates as G
 from .graphs import OPSET, export_text, export_visual, optimize
 from .precision import to_fp16, to_int8, to_w16
 from .query_sample import expressions, write_query_sample
+from .ties import proposal_alternatives, routing_alternatives
 from .vocab import kept_ids, trim_embedding, trim_tokenizer
 
 PRECISIONS = ("fp32", "fp16", "w16", "int8")
@@ -82,7 +82,7 @@ def export_bundle(
 
         ecfg = EvalConfig(topk=topk, nms_iou=nms_iou)
         ref = (torch_detector(model, ecfg), torch_text_encoder(model, hf_tok))
-        ties = _tie_routings(model, ref[1])
+        ties = (routing_alternatives(model, ref[1]), proposal_alternatives(model, ecfg))
         shutil.copyfile(tmp / "tokenizer.json", work / "tokenizer.json")
         fp32 = ort_fns(work / "text_fp32.onnx", work / "visual_fp32.onnx", work)
         log("gate: fp32 ONNX vs PyTorch")
@@ -109,12 +109,14 @@ def export_bundle(
                 log(f"gate: {precision}{' + trimmed vocabulary' if vocab else ''} vs fp32 ONNX")
                 metrics = G.retrieval(cand, ds, hw)
                 label = f"{precision}{'_vocab' if vocab else ''}_vs_fp32"
-                parity[label] = G.parity(fp32, cand, ds, hw, ties)
+                parity[label] = G.parity(fp32, cand, ds, hw, *ties)
                 reduced = G.gate_reduced(precision, parity[label], fp32_metrics, metrics)
                 log(G.format_gates(reduced))
-                if ties:
+                if ties[0]:
                     flips = parity[label]["query_routing_flips"]
                     log(f"  text queries that took another MORE routing at a tie: {flips:.1%}")
+                flips = parity[label]["instance_proposal_flips"]
+                log(f"  instances that took another proposal ranking at a tie: {flips:.1%}")
                 text_only = [g for g in reduced if not g.passed] == [reduced[0]]
                 if precision == "fp16" and text_only and graph_precision["text_encoder"] == "fp16":
                     # MORE routes each query to its top-2 experts: near a tie, fp16 noise in the
@@ -209,19 +211,6 @@ def _training_expressions(cfg, work_root: Path) -> tuple[list[str], str]:
         generate(Path(tmp) / "d", synth, progress=False)
         texts = expressions(Path(tmp) / "d", "train")
     return texts, f"train expressions of the synthetic generator (seed {cfg.data.generate_seed})"
-
-
-def _tie_routings(model, encode) -> tuple:
-    """The PyTorch queries under each MORE routing, where it ties (export/gates.py ROUTING_TIE)."""
-
-    def under(experts: tuple[int, ...]):
-        def encode_routed(texts: list[str]):
-            with routed(model, experts, G.ROUTING_TIE):
-                return encode(texts)
-
-        return encode_routed
-
-    return tuple(under(e) for e in tie_routings(model))
 
 
 def _convert(precision: str, work: Path) -> tuple[Path, Path]:

@@ -104,6 +104,39 @@ def test_routed_takes_another_choice_only_where_it_ties():
     assert m.route_override is None  # restored: the exported graph never sees it
 
 
+def test_swapped_exchanges_tied_proposal_ranks_only_where_they_tie():
+    """The export gates' view of a proposal tie: two tokens whose objectness is within rounding
+    may be ranked either way; a decisive ranking stays, and the override never outlives its block."""
+    from reir.training.proposals import ProposalSelector, anchors, swapped, tied_ranks
+
+    sel = ProposalSelector(d=8, num_queries=3)
+    sel.proj = torch.nn.Identity()  # objectness reads feature 0; boxes are the token's anchor
+    with torch.no_grad():
+        sel.objectness.weight.zero_()
+        sel.objectness.weight[0, 0] = 1.0
+        sel.objectness.bias.zero_()
+    memory = torch.zeros(2, 6, 8)
+    memory[0, [4, 1, 2, 0], 0] = torch.tensor([5.0, 4.995, 2.0, 1.0])  # ranks 0 and 1 tie
+    memory[1, [3, 0, 5], 0] = torch.tensor([5.0, 3.0, 1.0])  # decisive
+    shapes = [(2, 3)]
+    cells = anchors(shapes, memory.device)
+
+    def tokens() -> list[list[int]]:
+        ref = sel(memory, shapes)["ref"]
+        return [[int(torch.cdist(r[None], cells).argmin()) for r in ref[b]] for b in range(2)]
+
+    with torch.no_grad():
+        assert tied_ranks(sel.objectness(memory).squeeze(-1), 3, tie=0.01) == [0]
+        own = tokens()
+        with swapped(sel, 0, tie=0.01):
+            flipped = tokens()
+        with swapped(sel, 1, tie=0.01):  # ranks 1 and 2 are far apart in both images
+            far = tokens()
+    assert own == [[4, 1, 2], [3, 0, 5]]
+    assert flipped == [[1, 4, 2], [3, 0, 5]] and far == own
+    assert sel.swap_override is None  # restored: the exported graph never sees it
+
+
 def _tiny_model_cfg():
     cfg = load_config(CONFIGS / "synth_tiny.yaml")
     return cfg

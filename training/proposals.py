@@ -9,6 +9,8 @@ involved, so gallery images are encoded once, offline.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
@@ -43,6 +45,7 @@ class ProposalSelector(nn.Module):
         nn.init.zeros_(self.box.layers[-1].bias)
         self.content = nn.Embedding(num_queries, d)
         self.num_queries = num_queries
+        self.swap_override: tuple[int, float] | None = None  # set by `swapped` only
 
     def forward(self, memory: Tensor, shapes: list[tuple[int, int]]) -> dict[str, Tensor]:
         feats = self.proj(memory)
@@ -50,7 +53,44 @@ class ProposalSelector(nn.Module):
         boxes = torch.sigmoid(self.box(feats) + inverse_sigmoid(anchors(shapes, memory.device)))
         k = min(self.num_queries, logits.shape[1])
         idx = torch.topk(logits, k, dim=1).indices  # [B, Q]
+        if self.swap_override is not None:
+            idx = _swap_at_tie(logits, k, *self.swap_override)
         sel_boxes = torch.gather(boxes, 1, idx[..., None].expand(-1, -1, 4))
         sel_logits = torch.gather(logits, 1, idx)
         tgt = self.content.weight[:k][None].expand(memory.shape[0], -1, -1)
         return {"ref": sel_boxes.detach(), "tgt": tgt, "enc_boxes": sel_boxes, "enc_logits": sel_logits}
+
+
+def _swap_at_tie(logits: Tensor, k: int, rank: int, tie: float) -> Tensor:
+    """The top-k token indices with ranks `rank` and `rank + 1` exchanged in every image where
+    their objectness logits are within `tie` (rank k - 1 then trades places with the first token
+    left out)."""
+    top = torch.topk(logits, min(k + 1, logits.shape[1]), dim=1)
+    if rank + 1 >= top.indices.shape[1]:
+        return top.indices[:, :k]
+    swapped = top.indices.clone()
+    swapped[:, [rank, rank + 1]] = top.indices[:, [rank + 1, rank]]
+    tied = (top.values[:, rank] - top.values[:, rank + 1] <= tie)[:, None]
+    return torch.where(tied, swapped, top.indices)[:, :k]
+
+
+def tied_ranks(logits: Tensor, k: int, tie: float) -> list[int]:
+    """The ranks r < k whose proposal ties (within `tie`) with the one at r + 1 in some image:
+    where reduced precision may exchange them. Content queries are per rank, so an exchange
+    gives both boxes the other's content query: same boxes, other embeddings."""
+    values = torch.topk(logits, min(k + 1, logits.shape[1]), dim=1).values
+    return sorted({int(r) for r in torch.nonzero(values[:, :-1] - values[:, 1:] <= tie)[:, 1]})
+
+
+@contextmanager
+def swapped(model: nn.Module, rank: int, tie: float) -> Iterator[None]:
+    """Within the block, every ProposalSelector of `model` exchanges ranks `rank` and `rank + 1`
+    where they tie within `tie`, and selects as usual elsewhere."""
+    selectors = [m for m in model.modules() if isinstance(m, ProposalSelector)]
+    for m in selectors:
+        m.swap_override = (rank, tie)
+    try:
+        yield
+    finally:
+        for m in selectors:
+            m.swap_override = None
