@@ -17,7 +17,7 @@ from typing import Any
 from reir.engine.fsutil import write_bytes_atomic
 from reir.training.config import load_config
 from reir.training.config import parse_overrides as overrides
-from reir.training.trainer import Trainer
+from reir.training.trainer import Trainer, determinism
 
 from .common import machine
 
@@ -47,7 +47,8 @@ def compare_steps(
             pair = ((recipe, stage, opts[0], 0), (other, var_stage, opts[1], 1))
             for trainer, st, opt, slot in pair if i % 2 == 0 else pair[::-1]:  # alternate who goes first
                 t0 = time.perf_counter()
-                trainer.step(batch, st, opt)
+                with determinism(trainer.cfg.train.deterministic, trainer.device):
+                    trainer.step(batch, st, opt)
                 if i >= warmup:
                     times[slot].append(time.perf_counter() - t0)
         row = {"stage": stage.name, "recipe_s": _summary(times[0]), "variant_s": _summary(times[1])}

@@ -144,6 +144,8 @@ class TrainConfig:
     log_every: int = 20
     ckpt_every: int = 500
     threads: int = 0  # 0 = torch default
+    # Same seed, same weights on one machine even under load (training/README.md, "Determinism")
+    deterministic: bool = False
     device: str = "auto"  # auto (the GPU when torch sees one, else the CPU), cpu or cuda
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +43,22 @@ def resolve_device(name: str, where: str = "train.device") -> torch.device:
             raise ConfigError(f"{where}: 'cuda', but this torch sees no GPU (torch.cuda.is_available() is False)")
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     raise ConfigError(f"{where}: {name!r} is not one of auto, cpu, cuda")
+
+
+@contextmanager
+def determinism(enabled: bool, device: torch.device) -> Iterator[None]:
+    """`train.deterministic`: kernels whose reductions do not depend on thread timing (oneDNN's
+    convolution backward does on CPU: the same seed gave other weights when another process
+    shared the cores). On CUDA an op without a deterministic kernel warns instead of failing;
+    full CUDA determinism also needs CUBLAS_WORKSPACE_CONFIG=:4096:8 set before the start.
+    The setting is process-wide, so it is restored when training ends."""
+    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    if enabled:
+        torch.use_deterministic_algorithms(True, warn_only=device.type == "cuda")
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
 
 
 def setup_distributed(device: torch.device) -> tuple[int, int]:
@@ -228,6 +246,10 @@ class Trainer:
         """Run the recipe's stages. `resume`: continue this run's last.pt; `start_from`: a
         checkpoint saved at the end of a stage (`<stage>.pt`) of a run with the same model
         config, whose later stages this recipe then runs (ablations of stage 2 share stage 1)."""
+        with determinism(self.cfg.train.deterministic, self.device):
+            return self._fit(resume, start_from)
+
+    def _fit(self, resume: bool, start_from: Path | None) -> Path:
         cfg = self.cfg
         start_stage, start_step, epoch, state = 0, 0, 0, {}
         last = self.run_dir / "last.pt"
