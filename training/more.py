@@ -14,11 +14,12 @@ model's answer under each such choice, so they can tell a tie from drift.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 
 import torch
 from torch import Tensor, nn
+
+from .overrides import overriding
 
 
 class MORE(nn.Module):
@@ -56,19 +57,11 @@ def tie_routings(model: nn.Module) -> list[tuple[int, ...]]:
     return [] if more is None else list(itertools.combinations(range(more.e), more.k))
 
 
-@contextmanager
-def routed(model: nn.Module, experts: tuple[int, ...], tie: float) -> Iterator[None]:
+def routed(model: nn.Module, experts: tuple[int, ...], tie: float) -> AbstractContextManager[None]:
     """Within the block, every MORE of `model` routes to `experts` wherever that choice is
     within `tie` of its own (the weakest chosen gate at least the strongest other minus
     `tie`), and as usual elsewhere."""
-    mores = [m for m in model.modules() if isinstance(m, MORE)]
-    for m in mores:
-        m.route_override = (experts, tie)
-    try:
-        yield
-    finally:
-        for m in mores:
-            m.route_override = None
+    return overriding(model, MORE, "route_override", (experts, tie))
 
 
 def text_projection(din: int, dout: int, enabled: bool, experts: int, top_k: int, weight: float) -> nn.Module:

@@ -9,12 +9,12 @@ involved, so gallery images are encoded once, offline.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 
 import torch
 from torch import Tensor, nn
 
+from .overrides import overriding
 from .transformer import MLP, inverse_sigmoid
 
 PRIOR = 0.01  # initial objectness probability: bias -log(99)
@@ -52,8 +52,9 @@ class ProposalSelector(nn.Module):
         logits = self.objectness(feats).squeeze(-1)  # [B, N]
         boxes = torch.sigmoid(self.box(feats) + inverse_sigmoid(anchors(shapes, memory.device)))
         k = min(self.num_queries, logits.shape[1])
-        idx = torch.topk(logits, k, dim=1).indices  # [B, Q]
-        if self.swap_override is not None:
+        if self.swap_override is None:
+            idx = torch.topk(logits, k, dim=1).indices  # [B, Q]
+        else:
             idx = _swap_at_tie(logits, k, *self.swap_override)
         sel_boxes = torch.gather(boxes, 1, idx[..., None].expand(-1, -1, 4))
         sel_logits = torch.gather(logits, 1, idx)
@@ -82,15 +83,7 @@ def tied_ranks(logits: Tensor, k: int, tie: float) -> list[int]:
     return sorted({int(r) for r in torch.nonzero(values[:, :-1] - values[:, 1:] <= tie)[:, 1]})
 
 
-@contextmanager
-def swapped(model: nn.Module, rank: int, tie: float) -> Iterator[None]:
+def swapped(model: nn.Module, rank: int, tie: float) -> AbstractContextManager[None]:
     """Within the block, every ProposalSelector of `model` exchanges ranks `rank` and `rank + 1`
     where they tie within `tie`, and selects as usual elsewhere."""
-    selectors = [m for m in model.modules() if isinstance(m, ProposalSelector)]
-    for m in selectors:
-        m.swap_override = (rank, tie)
-    try:
-        yield
-    finally:
-        for m in selectors:
-            m.swap_override = None
+    return overriding(model, ProposalSelector, "swap_override", (rank, tie))
