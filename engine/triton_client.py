@@ -118,16 +118,7 @@ class TritonRetriever:
         """Hits for one expression, or a list per expression (sent as one request)."""
         texts, many = _validate(expression)
         inputs, outputs = _inputs(self.mod, texts, k, gallery)
-        for attempt in range(self.retries + 1):
-            try:
-                kwargs = {"client_timeout": self.timeout_s} if self.protocol == "grpc" else {}
-                res = self.client.infer(self.model, inputs, outputs=outputs, **kwargs)
-                break
-            except Exception as e:
-                if attempt == self.retries or not _retryable(e):
-                    raise TritonError(f"{self.protocol}://{self.url} {self.model}: {_message(e)}") from None
-                time.sleep(0.1 * 2**attempt)
-        hits, self.last_truncated = _hits(res)
+        hits, self.last_truncated = _hits(self._infer(self.model, inputs, outputs))
         return hits if many else hits[0]
 
     def encode(self, texts: list[str]) -> tuple[np.ndarray, list[bool]]:
@@ -139,16 +130,20 @@ class TritonRetriever:
         text = self.mod.InferInput("TEXT", list(arr.shape), "BYTES")
         text.set_data_from_numpy(arr)
         outputs = [self.mod.InferRequestedOutput(n) for n in ("query", "truncated")]
+        res = self._infer("encode_query", [text], outputs)
+        return res.as_numpy("query").astype(np.float32), [bool(t) for t in res.as_numpy("truncated").reshape(-1)]
+
+    def _infer(self, model: str, inputs: list, outputs: list):
+        """One request, retried with backoff while the failure is transient (unavailable,
+        timed out); a client error or the last failure raises TritonError naming the model."""
+        kwargs = {"client_timeout": self.timeout_s} if self.protocol == "grpc" else {}
         for attempt in range(self.retries + 1):
             try:
-                kwargs = {"client_timeout": self.timeout_s} if self.protocol == "grpc" else {}
-                res = self.client.infer("encode_query", [text], outputs=outputs, **kwargs)
-                break
+                return self.client.infer(model, inputs, outputs=outputs, **kwargs)
             except Exception as e:
                 if attempt == self.retries or not _retryable(e):
-                    raise TritonError(f"{self.protocol}://{self.url} encode_query: {_message(e)}") from None
+                    raise TritonError(f"{self.protocol}://{self.url} {model}: {_message(e)}") from None
                 time.sleep(0.1 * 2**attempt)
-        return res.as_numpy("query").astype(np.float32), [bool(t) for t in res.as_numpy("truncated").reshape(-1)]
 
     def close(self) -> None:
         self.client.close()
