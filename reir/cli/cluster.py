@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
 import time
 from pathlib import Path
 
 from reir.engine.bundle import default_bundle
+
+from .serve import stop_on_signals
 
 
 def register(sub) -> None:
@@ -101,14 +102,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     from reir.cluster.serving import build_app, start
 
-    def stop(signum, _frame):
-        raise SystemExit(128 + signum)
-
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, stop)
-    # A shell starts background jobs with SIGINT ignored, and a child inherits that: take
-    # SIGINT back, or `kill -INT` would never stop the server.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    stop_on_signals()
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: binding {args.host}: the app is reachable from the network", file=sys.stderr)
     try:

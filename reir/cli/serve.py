@@ -40,16 +40,21 @@ def _triton_validate(args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
-def _serve(args: argparse.Namespace) -> int:
-    def stop(signum, _frame):  # systemd, `docker stop`, Kubernetes send SIGTERM: leave nothing behind
+def stop_on_signals() -> None:
+    """SIGTERM and SIGHUP (systemd, `docker stop`, Kubernetes) exit through the servers'
+    `finally` blocks, so nothing is left behind. A shell starts background jobs with SIGINT
+    ignored, and a child inherits that: take SIGINT back, or `kill -INT` would never stop it."""
+
+    def stop(signum, _frame):
         raise SystemExit(128 + signum)
 
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, stop)
-    # A shell starts background jobs with SIGINT ignored, and a child inherits that: take
-    # SIGINT back, or `kill -INT` would never stop the server.
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
+
+def _serve(args: argparse.Namespace) -> int:
+    stop_on_signals()
     server = TritonServer(
         args.repository,
         args.python,
