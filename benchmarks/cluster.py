@@ -16,15 +16,9 @@ import shutil
 import time
 from pathlib import Path
 
-import numpy as np
-
 from reir.datasets.synth import SynthConfig, generate
-from reir.engine.detections import Detections
-from reir.engine.engine import Engine
-from reir.engine.gallery import Gallery
-from reir.engine.indexer import index_images
-from reir.engine.records import NewImage
-from reir.engine.sharded_gallery import ShardedGallery
+from reir.engine.gallery.gallery import Gallery
+from reir.engine.runtime.engine import Engine
 
 from .common import closed_loop, embedded_client
 
@@ -32,19 +26,6 @@ CONCURRENCY = (1, 4, 16)
 SHARDS = (1, 2, 4)
 WORKERS = (1, 2, 4)
 PORT = 18831
-
-
-def _stored(g: Gallery) -> list[NewImage]:
-    """Every image of a gallery as it was added (so shard copies skip the detector)."""
-    out = []
-    for image_id, path, sha, w, h, n in g.db.execute("SELECT id, path, sha256, width, height, bytes FROM images"):
-        rows = g.db.execute(
-            "SELECT x1, y1, x2, y2, score, embedding FROM instances WHERE image_id = ? ORDER BY key", (image_id,)
-        ).fetchall()
-        boxes = np.array([r[:4] for r in rows], np.float64).reshape(-1, 4)
-        emb = np.array([np.frombuffer(r[5], np.float32) for r in rows], np.float32).reshape(len(rows), g.dim)
-        out.append(NewImage(path, sha, w, h, n, Detections(boxes, np.array([r[4] for r in rows]), emb)))
-    return out
 
 
 def run(bundle: Path, work: Path, images: int = 1000, requests: int = 400, index_images_n: int = 200) -> dict:
@@ -55,19 +36,19 @@ def run(bundle: Path, work: Path, images: int = 1000, requests: int = 400, index
 
     from reir.cluster.indexing import index_on_ray
     from reir.cluster.serving import build_app, start
-    from reir.engine.serve_client import ServeRetriever
+    from reir.engine.serving.serve_client import ServeRetriever
 
     ds, _ = generate(work / "data", SynthConfig(images=images, seed=78, fractions=(0, 0, 1)), progress=False)
     paths = [ds.image_path(i) for i in sorted(ds.images)]
     engine = Engine.open(bundle, threads=1)
     root = work / "root"
-    single = Gallery.create(root / "single", engine.dim, model=engine.model_id, bundle=str(bundle))
+    single = Gallery.for_bundle(root / "single", engine.bundle)
     t0 = time.perf_counter()
-    index_images(single, engine, paths, progress=False)
+    single.add_images(paths, engine)
     one_process = len(paths) / (time.perf_counter() - t0)
-    stored = _stored(single)
+    stored = list(single.stored())
     for s in SHARDS:
-        with ShardedGallery.create(root / f"shards-{s}", s, engine.dim, model=engine.model_id) as g:
+        with Gallery.create(root / f"shards-{s}", engine.dim, model=engine.model_id, shards=s) as g:
             g.add(stored)
     texts = sorted({e.text for e in ds.split_expressions("test")})[:requests]
     rows: dict = {}

@@ -20,10 +20,11 @@ import numpy as np
 
 from reir.datasets import load_dataset
 from reir.datasets.synth import SynthConfig, generate
-from reir.engine.detections import Detections
-from reir.engine.engine import Engine
-from reir.engine.gallery import Gallery, NewImage
-from reir.engine.retriever import Retriever
+from reir.engine.gallery.gallery import Gallery
+from reir.engine.gallery.records import NewImage
+from reir.engine.runtime.detections import Detections
+from reir.engine.runtime.engine import Engine
+from reir.engine.serving.retriever import Retriever
 from reir.evaluation.protocol import encode_gallery
 
 

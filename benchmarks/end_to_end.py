@@ -20,12 +20,12 @@ import tempfile
 from pathlib import Path
 
 from reir.datasets.synth import SynthConfig, generate
-from reir.engine.bundle import default_bundle
-from reir.engine.engine import Engine
 from reir.engine.fsutil import write_json_atomic
-from reir.engine.gallery import Gallery
-from reir.engine.triton_client import TritonRetriever
-from reir.engine.triton_server import TritonServer
+from reir.engine.gallery.gallery import Gallery
+from reir.engine.runtime.bundle import default_bundle
+from reir.engine.runtime.engine import Engine
+from reir.engine.serving.triton_client import TritonRetriever
+from reir.engine.serving.triton_server import TritonServer
 from reir.export.triton import write_repository
 
 from .common import closed_loop, embedded_client
@@ -58,7 +58,7 @@ def run(bundle: Path, work: Path, images: int = 1000, requests: int = 400, pytho
     with TritonServer(repo, python, "pyort") as server:
         for proto, url in (("grpc", server.grpc_url), ("http", server.http_url)):
             for c in CONCURRENCY:
-                client = lambda u=url, p=proto: TritonRetriever(u, p).search  # noqa: E731
+                client = lambda u=f"{proto}://{url}": TritonRetriever(u).search  # noqa: E731
                 rows[f"triton_{proto}_c{c}"] = closed_loop(client, texts, c)
     return out
 

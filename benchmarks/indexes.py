@@ -31,10 +31,11 @@ import faiss
 import numpy as np
 from tqdm import tqdm
 
-from reir.engine.detections import Detections
-from reir.engine.gallery import Gallery, NewImage
-from reir.engine.self_check import TIE, agreement
-from reir.engine.vector_store import VectorStore
+from reir.engine.gallery.gallery import Gallery
+from reir.engine.gallery.records import NewImage
+from reir.engine.runtime.detections import Detections
+from reir.engine.search.agreement import TIE, agreement
+from reir.engine.search.vectors import VectorStore
 
 from .common import EncodedGallery, summarise_ms
 
@@ -44,7 +45,9 @@ QUERIES = 300
 HNSW_EF = (64, 256, 1024)
 SECOND_COPY_MAX = 2_000_000  # above this, designs that keep their own copy of the vectors are not run
 IVF_PROBES = (8, 32, 128)
-SWEEP = ((2, 320), (8, 320), (32, 320), (32, 1280), (128, 1280))  # (k_factor, rerank) of the curve
+SWEEP = tuple(  # settings of the curve
+    {"k_factor": kf, "rerank": rr} for kf, rr in ((2, 320), (8, 320), (32, 320), (32, 1280), (128, 1280))
+)
 FILTER_SHARE = 100  # tag buckets: a filter on one keeps 1 % of the images
 
 
@@ -84,7 +87,7 @@ def build(g: EncodedGallery, n: int, sample: np.ndarray, path: Path, seed: int =
             batch = []
     gal.add(batch, save_index=False)
     gal.save()
-    keys = gal.index.store.keys.array
+    keys = gal.shards[0].index.store.keys.array
     assert keys[0] == 1 and keys[-1] == len(keys), "the gallery numbers its instances 1..N in row order"
     return gal, time.perf_counter() - t
 
@@ -121,10 +124,12 @@ def _row(n: int, design: str, setting, build_s: float, resident: float, disk: fl
 
 def gallery_rows(gal: Gallery, build_s: float, q: np.ndarray, exact: list) -> list[dict]:
     """The product: its default search (the call a user makes), and its curve."""
-    info, idx, store = gal.info(), gal.index, gal.index.store
+    info, idx = gal.info(), gal.shards[0].index
+    store = idx.store
     n = store.rows
-    per = info["index"]["bytes_per_instance"]
-    disk = info["bytes_on_disk"] / n
+    index = info.per_shard[0].index
+    per = index.bytes_per_instance
+    disk = info.bytes_on_disk / n
 
     def default(v):  # best instance per image, k = 10: keys are rows + 1
         return [h.instance_key - 1 for h in gal.search(v, k=10)[0]]
@@ -133,16 +138,17 @@ def gallery_rows(gal: Gallery, build_s: float, q: np.ndarray, exact: list) -> li
     m["recall10"] = measure(
         lambda v: [h.instance_key - 1 for h in gal.search(v, k=10, per_image=False)[0]], store, q, exact
     )["recall10"]
-    cand = info["index"].get("candidates") or {}
-    setting = f"{info['index']['kind']}: k_factor {cand.get('k_factor')}, rerank {cand.get('rerank')}"
+    cand = index.candidates or {}
+    setting = f"{index.kind}: " + ", ".join(f"{k} {v}" for k, v in cand.items())
     rows = [_row(n, "gallery (default)", setting, build_s, per["hot"], disk, m)]
-    if idx.projected is None:
+    if idx.candidates_index is None:
         return rows
-    for k_factor, rerank in SWEEP:
-        m = measure(lambda v, kf=k_factor, rr=rerank: idx._approximate(v, rr, kf, None)[0], store, q, exact)
-        rows.append(
-            _row(n, "gallery index, fixed", f"k_factor {k_factor}, rerank {rerank}", build_s, per["hot"], None, m)
-        )
+    design = type(idx.candidates_index)
+    for values in SWEEP:
+        s = design.setting(values)
+        m = measure(lambda v, s=s: idx.candidates(v, s), store, q, exact)
+        label = ", ".join(f"{k} {v}" for k, v in values.items())
+        rows.append(_row(n, "gallery index, fixed", label, build_s, per["hot"], None, m))
     return rows
 
 
@@ -168,7 +174,7 @@ def filtered(gal: Gallery, q: np.ndarray, k: int = 10) -> dict:
         top10.append(sum(h.image_id in ids or tie(h.score, e[-1].score) for h in f) / max(1, len(e)))
     fs, us = summarise_ms(lat_f), summarise_ms(lat_u)
     return {
-        "vectors": gal.index.store.rows,
+        "vectors": gal.shards[0].index.store.rows,
         "filter": "1 % of images",
         "top1": round(float(np.mean(top1)), 4),
         "top10": round(float(np.mean(top10)), 4),
@@ -185,7 +191,7 @@ def _chunks(store: VectorStore, step: int = 262144) -> Iterator[np.ndarray]:
 
 
 def exact_rows(gal: Gallery, q: np.ndarray, exact: list, fetch: int) -> list[dict]:
-    store = gal.index.store
+    store = gal.shards[0].index.store
     n = store.rows
     if n > SECOND_COPY_MAX:  # the gallery's own scan of its mapped vectors, on a tenth of the queries
         sub = q[: max(20, len(q) // 10)]
@@ -205,7 +211,7 @@ def usearch_rows(gal: Gallery, q: np.ndarray, exact: list, fetch: int) -> list[d
     import onnxruntime  # noqa: F401  (load ORT's libraries before usearch's: the reverse order segfaults)
     from usearch.index import Index  # the bench extra
 
-    store = gal.index.store
+    store = gal.shards[0].index.store
     n = store.rows
     t = time.perf_counter()
     idx = Index(ndim=store.dim, metric="ip", dtype="f16", connectivity=16, expansion_add=128)
@@ -223,7 +229,7 @@ def usearch_rows(gal: Gallery, q: np.ndarray, exact: list, fetch: int) -> list[d
 
 
 def ivf_rows(gal: Gallery, q: np.ndarray, exact: list, fetch: int) -> list[dict]:
-    store = gal.index.store
+    store = gal.shards[0].index.store
     n = store.rows
     faiss.omp_set_num_threads(2)
     nlist = int(4 * np.sqrt(n))
@@ -253,11 +259,11 @@ def run(g: EncodedGallery, sample: np.ndarray, sizes, work: Path, n_queries: int
     for n in sizes:
         path = work / f"gallery-{n}"
         gal, build_s = build(g, n, sample, path, seed)
-        store = gal.index.store
+        store = gal.shards[0].index.store
         fetch = 10 * store.max_per_image  # k images x the most instances an image holds
         exact = store.top(q, fetch)  # the truth: the exact ranking over the stored vectors
         out["rows"] += gallery_rows(gal, build_s, q, exact)
-        out["filtered"].append({**filtered(gal, q), "calibration": gal.info()["index"].get("agreement")})
+        out["filtered"].append({**filtered(gal, q), "calibration": gal.info().per_shard[0].index.agreement})
         out["rows"] += exact_rows(gal, q, exact, fetch)
         if store.rows <= SECOND_COPY_MAX:
             out["rows"] += usearch_rows(gal, q, exact, fetch)

@@ -20,8 +20,8 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from reir.engine.bundle import Bundle, default_bundle
 from reir.engine.fsutil import write_json_atomic
+from reir.engine.runtime.bundle import Bundle, default_bundle
 
 from . import cluster, end_to_end, indexes, stages, two_stage
 from .common import encoded_gallery, machine, machine_label

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
-from reir.engine.engine import Engine
-from reir.engine.gallery import Gallery
-from reir.engine.image import read_rgb, resize_rgb
+from reir.engine.gallery.gallery import Gallery
+from reir.engine.runtime.engine import Engine
+from reir.engine.runtime.image import read_rgb, resize_rgb
 
 from .common import EncodedGallery, build_gallery, time_each
 
@@ -31,7 +31,7 @@ def query_stages(bundle, g: EncodedGallery, n_images: int, work: Path, n_queries
     tokenize = time_each(tok, texts)
     encode = time_each(text, texts)  # includes tokenizing: subtracted below
     queries = text([t[0] for t in texts])
-    ann = time_each(lambda q: gal.index.search(q, 10, True, None, False), list(queries))
+    ann = time_each(lambda q: gal.shards[0].index.search(q, 10, True, None, False), list(queries))
     total = time_each(lambda q: gal.search(q[None], k=10), list(queries))
     gal.close()
     tokenize_ms, encode_ms, ann_ms = _median_ms(tokenize), _median_ms(encode), _median_ms(ann)

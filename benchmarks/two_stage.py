@@ -30,7 +30,7 @@ import faiss
 import numpy as np
 from tqdm import tqdm
 
-from reir.engine.image import read_rgb, resize_rgb
+from reir.engine.runtime.image import read_rgb, resize_rgb
 from reir.evaluation import Hits, evaluate
 from reir.evaluation.protocol import restrict
 
@@ -141,7 +141,7 @@ def latency(g: EncodedGallery, bundle, gallery, n_images: int, m: int, texts: li
         total["stages_p50_ms"] = {k: round(1000 * float(np.median([p[k] for p in parts])), 3) for k in parts[0]}
         out[name] = total
     out["clare"]["index_instances"] = int(g.offsets[n_images])
-    out["clare"]["index"] = gallery.info()["index"]["kind"]
+    out["clare"]["index"] = gallery.info().per_shard[0].index.kind
     return out
 
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from reir.engine.bundle import Bundle
 from reir.engine.fsutil import write_json_atomic
+from reir.engine.runtime.bundle import Bundle
 
 from .common import time_each
 

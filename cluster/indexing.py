@@ -24,13 +24,13 @@ import numpy as np
 import ray
 from tqdm import tqdm
 
-from reir.engine.bundle import Bundle
-from reir.engine.detections import Detections
-from reir.engine.engine import Engine
-from reir.engine.image import ImageError, read_rgb, resize_rgb
-from reir.engine.indexer import IndexReport, list_images
-from reir.engine.records import NewImage
-from reir.engine.sharded_gallery import ShardedGallery, is_sharded
+from reir.engine.gallery.gallery import Gallery
+from reir.engine.gallery.ingest import IndexReport, list_images
+from reir.engine.gallery.records import NewImage
+from reir.engine.runtime.bundle import Bundle
+from reir.engine.runtime.detections import Detections
+from reir.engine.runtime.engine import Engine
+from reir.engine.runtime.image import ImageError, read_rgb, resize_rgb
 
 SAVE_EVERY_S = 30.0  # index commit points while writing, as `reir index` does
 
@@ -59,7 +59,7 @@ def _digest(sha256_hex: str) -> bytes:
     return bytes.fromhex(sha256_hex)[:16]
 
 
-def _known_array(gallery: ShardedGallery) -> np.ndarray:
+def _known_array(gallery: Gallery) -> np.ndarray:
     """Every stored image's hash (first 16 bytes: collisions are out of reach), sorted."""
     rows = [_digest(r[0]) for g in gallery.shards for r in g.db.execute("SELECT sha256 FROM images")]
     return np.sort(np.array(rows, dtype="S16")) if rows else np.zeros(0, "S16")
@@ -134,12 +134,12 @@ def index_on_ray(
     gpus_per_worker: float = 0.0,
     progress: bool = True,
 ) -> IndexReport:
-    """Index SOURCE into the sharded gallery at `gallery` (created with `shards` shards when
-    new) on the connected Ray cluster. Returns the report `reir index` prints."""
+    """Index SOURCE into the gallery at `gallery` (created with `shards` shards when new,
+    default 1) on the connected Ray cluster. Returns the report `reir index` prints."""
     ray.data.DataContext.get_current().enable_progress_bars = False  # ours counts images
     paths, problems = list_source(source)
     b = Bundle.open(bundle)
-    g = _open_or_create(Path(gallery), shards, b)
+    g = Gallery.for_bundle(Path(gallery), b, shards, progress=False)
     report = IndexReport(problems=list(problems))
     t0 = last_save = time.perf_counter()
     try:
@@ -174,7 +174,7 @@ def index_on_ray(
     return report
 
 
-def _new_images(rows: dict, g: ShardedGallery, seen: set[str], report: IndexReport, tags) -> list[NewImage]:
+def _new_images(rows: dict, g: Gallery, seen: set[str], report: IndexReport, tags) -> list[NewImage]:
     """The rows to write: not stored, not seen earlier in this run (a re-run task's output
     arrives twice), and not broken."""
     ok = [i for i, s in enumerate(rows["status"]) if s == "ok"]
@@ -192,21 +192,3 @@ def _new_images(rows: dict, g: ShardedGallery, seen: set[str], report: IndexRepo
             w, h = int(rows["width"][i]), int(rows["height"][i])
             news.append(NewImage(str(rows["path"][i]), sha, w, h, int(rows["bytes"][i]), d, tags))
     return news
-
-
-def _open_or_create(path: Path, shards: int | None, b: Bundle) -> ShardedGallery:
-    model = b.manifest["source"]["sha256"]
-    if is_sharded(path):
-        g = ShardedGallery.open(path, writable=True, progress=False)
-        if shards is not None and g.count != shards:
-            g.close()
-            raise ValueError(f"{path}: has {g.count} shards, not {shards}")
-        if g.model != model:
-            g.close()
-            raise ValueError(f"{path}: indexed with another model than {b.path}")
-        return g
-    if (path / "gallery.sqlite").exists():
-        raise ValueError(f"{path}: an unsharded gallery; index it with `reir index` or choose a new directory")
-    return ShardedGallery.create(
-        path, shards or 1, b.dim, "f16", model=model, bundle=str(b.path.resolve()), queries=b.query_sample()
-    )

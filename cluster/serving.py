@@ -1,184 +1,162 @@
-"""Sharded search on Ray Serve: a front deployment encodes the expression and fans out to
+"""Sharded search on Ray Serve: a front deployment encodes the expressions and fans out to
 one deployment per shard (R replicas each), then merges the per-shard top-k exactly.
 
-    POST /reir  {"text": "the red circle", "k": 10, "per_image": true, "tags": null, "gallery": "main"}
-    200  {"results": [{"hits": [...], "truncated": false}], "partial": false, "missing_shards": []}
-    4xx  {"error": "k must be in [1, 100], got 0"}
+    POST /reir   a search request of the contract (reir.engine.serving.contract), JSON
+    200          its response; 4xx {"error": {"code", "message"}}: the same message every path gives
+    GET  /reir/healthz, /reir/docs (OpenAPI, from the contract's schema)
+
+The front is a FastAPI app behind Serve's ingress; the route takes the contract's typed
+`SearchRequest`, built from the raw body by the contract's own parser, so a malformed or
+wrong request gets the same 4xx and message here as in process or through Triton.
 
 A shard that does not answer within the request's deadline (its replicas are all down or
 stuck) after retries is left out and named: `partial: true`, `missing_shards: [2]`. A
-caller never waits past the deadline and never gets a silent gap. A failed call is retried
-on another replica of the same shard, so losing one replica loses no query.
+caller never waits past the deadline and never gets a silent gap. A replica that dies
+mid-call is retried on another replica of the same shard, so losing one replica loses no
+query. An exception raised by a shard's code is a bug, not a missing shard: it fails the
+request (500) and is logged.
 
-Shard replicas open their gallery read-only; its vectors are memory-mapped, so replicas on
-one node share the page cache. Everything binds to the node's address (127.0.0.1 on a
-local cluster); see `bind_replica_grpc_to_node`.
+Shard replicas open their shard read-only; its vectors are memory-mapped, so replicas on
+one node share the page cache. Everything listens on the node's address (127.0.0.1 on a
+local cluster); see cluster/compat.py.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
-from dataclasses import asdict
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
-import ray
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse
 from ray import serve
-from ray.exceptions import RayActorError, RayTaskError
-from starlette.requests import Request
-from starlette.responses import JSONResponse
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 
-from reir.engine.bundle import Bundle
-from reir.engine.engine import Engine
-from reir.engine.gallery import Gallery
-from reir.engine.serve_client import hit_from_json
-from reir.engine.sharded_gallery import global_hit, is_sharded, merge_hits, read_manifest, shard_dir
+from reir.cluster.compat import keep_replica_listener_on_node
+from reir.engine.gallery.gallery import Gallery, GalleryMeta, merge_hits
+from reir.engine.gallery.records import Hit
+from reir.engine.runtime.bundle import Bundle
+from reir.engine.runtime.engine import Engine
+from reir.engine.serving.contract import (
+    MAX_BODY_BYTES,
+    TOO_LARGE,
+    QueryResult,
+    RequestError,
+    SearchRequest,
+    SearchResponse,
+)
+from reir.engine.serving.service import GalleryRoot, gallery_refusal, not_found
 
-MAX_K = 100
-MAX_TEXTS = 64
+log = logging.getLogger("reir.serve")
+# a replica that is gone or busy: ask another one of the same shard
+RETRYABLE = (RayActorError, ReplicaUnavailableError, DeploymentUnavailableError, BackPressureError)
 
-
-def bind_replica_grpc_to_node() -> None:
-    """Ray Serve 2.60 starts each replica's inter-deployment gRPC server on [::]:0, every
-    interface. Rebind it to the node's own address (what Ray uses for the node; loopback on
-    a local cluster), so a replica listens where its node does and nowhere else. Each
-    deployment's constructor calls it: that runs in the replica process before the server
-    starts (Serve pickles a deployment class by value, so a module-level call would not)."""
-    from ray.serve._private import replica
-
-    if getattr(replica, "_reir_bound", False):
-        return
-    original = replica.add_port_to_grpc_server
-
-    def add_port(server, address: str):
-        if address.startswith("[::]:"):
-            address = f"{ray.util.get_node_ip_address()}:{address.rsplit(':', 1)[1]}"
-        return original(server, address)
-
-    replica.add_port_to_grpc_server = add_port
-    replica._reir_bound = True
+api = FastAPI(title="clare-reir search", description="The search contract over HTTP (docs/cluster.md).")
 
 
-class BadRequest(ValueError):
-    def __init__(self, message: str, status: int = 400):
-        super().__init__(message)
-        self.status = status
+@api.exception_handler(RequestError)
+async def _refused(_request: Request, e: RequestError) -> JSONResponse:
+    return JSONResponse(e.to_json(), status_code=e.http_status)
+
+
+async def contract_body(request: Request) -> SearchRequest:
+    """The body, read up to the contract's size limit, parsed by the contract."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise RequestError("body", f"{int(declared):,} bytes; at most {MAX_BODY_BYTES:,}", TOO_LARGE)
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_BODY_BYTES:
+            raise RequestError("body", f"more than {MAX_BODY_BYTES:,} bytes", TOO_LARGE)
+    return SearchRequest.from_json(bytes(body))
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0})
 class ShardSearch:
-    """One shard of one gallery, read-only; answers in global ids."""
+    """One shard of one gallery, read-only; answers in the gallery's global ids."""
 
-    def __init__(self, path: str, shard: int, shards: int):
-        bind_replica_grpc_to_node()
-        self.gallery = Gallery.open(path, progress=False)
-        self.shard, self.shards = shard, shards
+    def __init__(self, path: str, shard: int):
+        keep_replica_listener_on_node()
+        self.gallery = Gallery.open(path, progress=False, shard=shard)
 
-    def search(self, queries: np.ndarray, k: int, per_image: bool, tags: dict | None) -> list[list[dict]]:
-        hits = self.gallery.search(queries, k, per_image, tags)
-        return [[asdict(global_hit(h, self.shard, self.shards)) for h in per_q] for per_q in hits]
+    def search(self, queries: np.ndarray, k: int, per_image: bool, tags: dict | None) -> list[list[Hit]]:
+        return self.gallery.search(queries, k, per_image, tags)
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0})
+@serve.ingress(api)
 class Front:
     def __init__(
         self,
         bundle: str,
         root: str,
         galleries: dict,
+        refused: dict,
         deadline_s: float = 5.0,
         retries: int = 2,
         threads: int = 1,
         encoder: str | None = None,
     ):
-        """encoder: a Triton URL (grpc://HOST:8001) whose `encode_query` encodes the text,
-        instead of ONNX Runtime in this replica (docs/cluster.md, "How Triton fits")."""
-        bind_replica_grpc_to_node()
+        """galleries: name under `root` -> shard handles in shard order; refused: name -> why
+        it may not be searched with this bundle. encoder: a Triton URL (grpc://HOST:8001)
+        whose `encode_query` encodes the text, instead of ONNX Runtime here."""
+        keep_replica_listener_on_node()
         if encoder:
-            from reir.engine.triton_client import TritonRetriever  # tritonclient: the triton extra
+            from reir.engine.serving.triton_client import TritonRetriever  # tritonclient: the triton extra
 
             self.encode = TritonRetriever(encoder).encode
         else:
-            self.encode = Engine(Bundle.open(bundle), threads=threads, visual=False).encode
-        self.root = Path(root).resolve()
-        self.galleries = galleries  # name -> list of shard handles, in shard order
+            self.encode = Engine(Bundle.open(bundle), threads=threads).encode
+        names = [*galleries, *refused]
+        self.root = GalleryRoot(root, names[0] if len(names) == 1 else None)
+        self.galleries = {self.root.path(n): h for n, h in galleries.items()}
+        self.refused = {self.root.path(n): RequestError("gallery", why) for n, why in refused.items()}
         self.deadline_s, self.retries = deadline_s, retries
 
-    async def __call__(self, request: Request) -> JSONResponse:
-        try:
-            body = await request.json()
-        except ValueError:
-            return JSONResponse({"error": "the body must be a JSON object"}, status_code=400)
-        try:
-            return JSONResponse(await self.search(body))
-        except BadRequest as e:
-            return JSONResponse({"error": str(e)}, status_code=e.status)
+    @api.post("/", openapi_extra={"requestBody": {"content": {"application/json": {}}, "required": True}})
+    async def search(self, request: Annotated[SearchRequest, Depends(contract_body)]) -> JSONResponse:
+        return JSONResponse((await self.answer(request)).to_json())
 
-    async def search(self, body) -> dict:
-        texts, k, per_image, tags, name = parse_request(body, self.root, self.galleries)
-        queries, truncated = self.encode(texts)
-        shards = self.galleries[name]
+    @api.get("/healthz")
+    async def healthz(self) -> dict:
+        return {"status": "ok", "galleries": sorted(p.name for p in self.galleries)}
+
+    async def answer(self, request: SearchRequest) -> SearchResponse:
+        path = self.root.path(request.gallery)
+        if path in self.refused:
+            raise self.refused[path]
+        if path not in self.galleries:
+            raise not_found(self.root.name(request.gallery))
+        shards = self.galleries[path]
+        queries, truncated = await asyncio.to_thread(self.encode, list(request.texts))
         deadline = time.monotonic() + self.deadline_s
-        answers = await asyncio.gather(*(self._ask(h, queries, k, per_image, tags, deadline) for h in shards))
-        missing = [s for s, a in enumerate(answers) if a is None]
-        results = []
-        for qi in range(len(texts)):
-            lists = [[hit_from_json(d) for d in a[qi]] for a in answers if a is not None]
-            hits = merge_hits(lists, k)
-            results.append({"hits": [asdict(h) for h in hits], "truncated": bool(truncated[qi])})
-        return {"results": results, "partial": bool(missing), "missing_shards": missing}
+        args = (queries, request.k, request.per_image, request.tags)
+        answers = await asyncio.gather(*(self._ask(h, args, deadline) for h in shards))
+        missing = tuple(s for s, a in enumerate(answers) if a is None)
+        results = tuple(
+            QueryResult(tuple(merge_hits([a[qi] for a in answers if a is not None], request.k)), bool(cut))
+            for qi, cut in enumerate(truncated)
+        )
+        return SearchResponse(results, bool(missing), missing)
 
-    async def _ask(self, handle, queries, k, per_image, tags, deadline: float):
-        """One shard's answer, retried on failure until the deadline; None when it has none."""
+    async def _ask(self, handle, args: tuple, deadline: float) -> list[list[Hit]] | None:
+        """One shard's answer, retried on another replica until the deadline; None when it
+        has none in time. Anything the shard's code raises propagates (a bug, not a gap)."""
         for _ in range(self.retries + 1):
             left = deadline - time.monotonic()
             if left <= 0:
                 return None
             try:
-                return await asyncio.wait_for(handle.search.remote(queries, k, per_image, tags), timeout=left)
-            except (RayActorError, RayTaskError, asyncio.TimeoutError, RuntimeError):
+                return await asyncio.wait_for(handle.search.remote(*args), timeout=left)
+            except (*RETRYABLE, asyncio.TimeoutError) as e:
+                log.warning("shard call failed (%s), retrying", type(e).__name__)
                 await asyncio.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
         return None
-
-
-def parse_request(body, root: Path, galleries: dict) -> tuple[list[str], int, bool, dict | None, str]:
-    """The request's fields, checked; BadRequest names the field and the problem."""
-    if not isinstance(body, dict):
-        raise BadRequest("the body must be a JSON object")
-    unknown = set(body) - {"text", "k", "per_image", "tags", "gallery"}
-    if unknown:
-        raise BadRequest(f"unknown field(s): {sorted(unknown)}")
-    text = body.get("text")
-    texts = text if isinstance(text, list) else [text]
-    if not texts or len(texts) > MAX_TEXTS:
-        raise BadRequest(f"text: send 1 to {MAX_TEXTS} expressions, got {len(texts)}")
-    for t in texts:
-        if not isinstance(t, str) or not t.strip():
-            raise BadRequest("text: empty expression")
-    k = body.get("k", 10)
-    if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= MAX_K:
-        raise BadRequest(f"k must be an integer in [1, {MAX_K}], got {k!r}")
-    per_image = body.get("per_image", True)
-    if not isinstance(per_image, bool):
-        raise BadRequest(f"per_image must be true or false, got {per_image!r}")
-    tags = body.get("tags")
-    if tags is not None and (
-        not isinstance(tags, dict) or not all(isinstance(a, str) and isinstance(b, str) for a, b in tags.items())
-    ):
-        raise BadRequest("tags must be an object of strings")
-    name = body.get("gallery")
-    if name is None:
-        if len(galleries) != 1:
-            raise BadRequest(f"gallery: name one of {sorted(galleries)}")
-        name = next(iter(galleries))
-    if not isinstance(name, str) or not name:
-        raise BadRequest("gallery must be a non-empty string")
-    if not (root / name).resolve().is_relative_to(root):
-        raise BadRequest(f"gallery {name!r} is outside the gallery root")
-    if name not in galleries:
-        raise BadRequest(f"no gallery named {name!r} is served here (served: {sorted(galleries)})", status=404)
-    return texts, k, per_image, tags or None, name
 
 
 def build_app(
@@ -189,23 +167,25 @@ def build_app(
     deadline_s: float = 5.0,
     encoder: str | None = None,
 ):
-    """The Serve application: a Front and, per gallery, one ShardSearch deployment per shard.
-    `galleries` are directory names under `root` (sharded or not); `encoder`: a Triton URL
-    that encodes the text instead of the front's own ONNX Runtime session."""
-    root = Path(root).resolve()
-    handles = {}
+    """The Serve application: a Front and, per gallery, one ShardSearch deployment per
+    shard. `galleries` are directory names under `root`; one indexed with another model
+    than `bundle` is not deployed, and requests for it get the contract's refusal."""
+    b = Bundle.open(bundle)
+    names = GalleryRoot(root)
+    handles, refused = {}, {}
     for name in galleries:
-        path = (root / name).resolve()
-        if not path.is_relative_to(root):
-            raise ValueError(f"gallery {name!r} is outside the gallery root {root}")
-        shards = read_manifest(path)["shards"] if is_sharded(path) else 1
+        path = names.path(name)  # RequestError for a name outside the root: a ValueError to the caller
+        meta = GalleryMeta.read(path)
+        why = gallery_refusal(name, meta, b.model_id, b.dim)
+        if why is not None:
+            log.warning("%s: not served (%s)", path, why)
+            refused[name] = why.problem
+            continue
         handles[name] = [
-            ShardSearch.options(name=f"{name}-shard-{s}", num_replicas=replicas).bind(
-                str(shard_dir(path, s) if is_sharded(path) else path), s, shards
-            )
-            for s in range(shards)
+            ShardSearch.options(name=f"{name}-shard-{s}", num_replicas=replicas).bind(str(path), s)
+            for s in range(meta.shards)
         ]
-    return Front.bind(str(bundle), str(root), handles, deadline_s, encoder=encoder)
+    return Front.bind(str(b.path), str(names.root), handles, refused, deadline_s, encoder=encoder)
 
 
 def start(

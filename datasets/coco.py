@@ -11,10 +11,12 @@ import json
 from pathlib import Path
 from typing import Any
 
+from reir.engine.errors import ReirError
+
 from .dataset import Image, Instance, Problem, xywh_to_xyxy
 
 
-class DataError(Exception):
+class DataError(ReirError):
     """A dataset cannot be read at all (missing file, not JSON, wrong layout)."""
 
 

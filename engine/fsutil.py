@@ -11,6 +11,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from reir.engine.errors import ReirError
+
 
 @contextlib.contextmanager
 def atomic_file(path: Path) -> Iterator[Path]:
@@ -48,7 +50,7 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     write_bytes_atomic(path, json.dumps(obj, separators=(",", ":")).encode("utf-8"))
 
 
-class OutputExistsError(FileExistsError):
+class OutputExistsError(ReirError, FileExistsError):
     pass
 
 

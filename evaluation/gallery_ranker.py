@@ -11,8 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
-from reir.engine.bundle import Bundle
-from reir.engine.gallery import Gallery, NewImage
+from reir.engine.gallery.gallery import Gallery
+from reir.engine.gallery.records import NewImage
+from reir.engine.runtime.bundle import Bundle
 
 from .ranking import Hits
 
@@ -41,7 +42,7 @@ class GalleryRanker:
         g = Gallery.create(
             self.path,
             self.bundle.dim,
-            model=self.bundle.manifest["source"]["sha256"],
+            model=self.bundle.model_id,
             queries=self.bundle.query_sample(),
         )
         news = [NewImage(str(i), f"{i:064x}", 0, 0, 0, d) for i, d in dets.items() if len(d.scores)]
@@ -52,7 +53,9 @@ class GalleryRanker:
         self.gallery = g
 
     def describe(self) -> dict:
-        info = self.gallery.info()["index"] if self.gallery is not None else {"kind": "none", "rows": 0}
-        if self.gallery is not None:
-            self.gallery.close()
-        return info
+        """What searched: {"kind", "rows"} of the index (and closes the gallery)."""
+        if self.gallery is None:
+            return {"kind": "none", "rows": 0}
+        index = self.gallery.info().per_shard[0].index
+        self.gallery.close()
+        return {"kind": index.kind, "rows": index.rows}

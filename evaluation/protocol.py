@@ -19,8 +19,8 @@ from tqdm import tqdm
 
 from reir.datasets import Dataset
 from reir.datasets.dataset import gallery_split
-from reir.engine.detections import Detections, unpad
-from reir.engine.image import ImageError, read_rgb, resize_rgb
+from reir.engine.runtime.detections import Detections, unpad
+from reir.engine.runtime.image import ImageError, read_rgb, resize_rgb
 
 from .probe import attribute_probe
 from .ranking import GalleryArrays, rank_gallery

@@ -15,7 +15,8 @@ import numpy as np
 
 from reir.datasets import Dataset
 from reir.datasets.synth import SynthConfig, generate
-from reir.engine.image import read_rgb, resize_rgb
+from reir.engine.errors import ReirError
+from reir.engine.runtime.image import read_rgb, resize_rgb
 from reir.evaluation import pairwise_iou
 from reir.evaluation.protocol import DetectFn, EncodeTextFn, evaluate_retrieval
 
@@ -33,7 +34,7 @@ class Gate:
     passed: bool
 
 
-class GateError(RuntimeError):
+class GateError(ReirError):
     def __init__(self, stage: str, gates: list[Gate]):
         self.gates = gates
         super().__init__(f"export refused: {stage} failed its accuracy gates\n{format_gates(gates)}")

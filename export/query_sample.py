@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from reir.datasets import load_dataset
-from reir.engine.bundle import Bundle, sha256_file
 from reir.engine.fsutil import atomic_file, write_bytes_atomic
+from reir.engine.runtime.bundle import Bundle, sha256_file
 
 FILE = "query_sample.npy"
 SAMPLE = 4096

@@ -16,13 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from reir.engine.bundle import Bundle
+from reir.engine.errors import ReirError
 from reir.engine.fsutil import write_bytes_atomic
+from reir.engine.runtime.bundle import Bundle
 
 Shape = tuple[int, ...]
 
 
-class TensorRTUnavailable(RuntimeError):
+class TensorRTUnavailable(ReirError):
     pass
 
 

@@ -1,10 +1,10 @@
-"""`reir export triton BUNDLE --out REPO --gallery-root DIR`: a Triton model repository.
+"""`reir triton export BUNDLE --out REPO --gallery G`: a Triton model repository.
 
     tokenizer        python, TYPE_STRING -> input_ids, attention_mask, truncated
     text_encoder     input_ids, attention_mask -> query             (onnxruntime / TensorRT / python+ORT)
     encode_query     ensemble: tokenizer -> text_encoder
     visual_encoder   uint8 images -> boxes, scores, embeddings, num_detections (NMS in the graph)
-    retrieve         python BLS: expression(s) -> encode_query -> usearch gallery -> hits
+    retrieve         python BLS: a search request (JSON) -> encode_query -> gallery search -> its answer (JSON)
 
 One repository serves every host; pick the variant with `--model-config-name`:
 `config.pbtxt` = GPU (onnxruntime backend, CUDA), `configs/gpu-trt.pbtxt` = onnxruntime with
@@ -20,8 +20,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from reir.engine.bundle import Bundle
 from reir.engine.fsutil import atomic_directory
+from reir.engine.runtime.bundle import Bundle
 
 MODELS_SRC = Path(__file__).resolve().parents[1] / "triton_models"
 PYTHON_MODELS = ("tokenizer", "text_encoder", "visual_encoder", "retrieve")
@@ -148,23 +148,19 @@ def encode_query_config(m: dict[str, Any]):
     return mc
 
 
-def retrieve_config(m: dict[str, Any], gallery_root: str, default_gallery: str, max_k: int = 100):
+def retrieve_config(m: dict[str, Any], gallery_root: str, default_gallery: str):
+    """The search contract's JSON in a string tensor, out in another (triton_models/README.md)."""
     pb = _pb()
     mc = pb.ModelConfig(name="retrieve", backend="python")
     _batching(mc, m["max_batch"], 200, [])
-    _tensor(mc.input, "TEXT", "STRING", [1], optional=True)
-    _tensor(mc.input, "INPUT_IDS", "INT64", [-1], optional=True)
-    _tensor(mc.input, "ATTENTION_MASK", "INT64", [-1], optional=True)
-    _tensor(mc.input, "K", "INT32", [1], optional=True)
-    _tensor(mc.input, "GALLERY", "STRING", [1], optional=True)
-    _tensor(mc.output, "IMAGE_IDS", "INT64", [-1])
-    _tensor(mc.output, "BOXES", "FP32", [-1, 4])
-    _tensor(mc.output, "SCORES", "FP32", [-1])
-    _tensor(mc.output, "INSTANCE_KEYS", "INT64", [-1])
-    _tensor(mc.output, "DETECTION_SCORES", "FP32", [-1])
-    _tensor(mc.output, "PATHS", "STRING", [-1])
-    _tensor(mc.output, "TRUNCATED", "BOOL", [1])
-    params = {"gallery_root": gallery_root, "default_gallery": default_gallery, "default_k": "10", "max_k": str(max_k)}
+    _tensor(mc.input, "REQUEST", "STRING", [1])
+    _tensor(mc.output, "RESPONSE", "STRING", [1])
+    params = {
+        "gallery_root": gallery_root,
+        "default_gallery": default_gallery,
+        "model_id": m["source"]["sha256"],
+        "dim": str(m["embedding_dim"]),
+    }
     for key, v in params.items():
         mc.parameters[key].string_value = v
     _instances(mc, "CPU", 2)

@@ -23,9 +23,9 @@ import torch
 import transformers
 
 from reir.datasets.synth import SynthConfig, generate, vocabulary
-from reir.engine.bundle import FORMAT, VERSION, Bundle, sha256_file
-from reir.engine.encoders import TextEncoder, VisualEncoder
 from reir.engine.fsutil import atomic_directory
+from reir.engine.runtime.bundle import FORMAT, VERSION, Bundle, sha256_file
+from reir.engine.runtime.encoders import TextEncoder, VisualEncoder
 from reir.training.checkpoint import load_model
 from reir.training.config import EvalConfig
 from reir.training.evaluate import torch_detector, torch_text_encoder
@@ -159,7 +159,7 @@ def export_bundle(
                 "layout": "NHWC",
                 "dtype": "uint8",
                 "channels": "RGB",
-                "resize": "client side: Pillow bilinear to height x width, no letterbox (reir.engine.image)",
+                "resize": "client side: Pillow bilinear to height x width, no letterbox (reir.engine.runtime.image)",
                 "normalisation": "inside the graph: x / 255",
                 "boxes": "xyxy in input pixels; scale by original / input size",
             },
@@ -257,7 +257,7 @@ def _write_tokenizer(hf_tok, out: Path, max_length: int, pad_to_max: bool) -> di
         "pad_id": int(hf_tok.pad_token_id),
         "pad_token": str(hf_tok.pad_token),
         "pad_to_max": pad_to_max,
-        "cleaning": "reir.engine.expressions.clean_expression (lower case, punctuation removed)",
+        "cleaning": "reir.engine.runtime.expressions.clean_expression (lower case, punctuation removed)",
     }
 
 

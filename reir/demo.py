@@ -1,7 +1,7 @@
 """`reir demo`: the README's main job, end to end with the shipped model and no torch.
 
 Generate a synthetic gallery with exact answers, index it with the default bundle (ONNX
-Runtime + usearch + SQLite), run example expressions, print the ranked hits with whether
+Runtime + SQLite + the gallery's search index), run example expressions, print the ranked hits with whether
 each is right, the box recall of the whole gallery and the per-query latency, and write a
 contact sheet (PNG and HTML) a person can open.
 """
@@ -17,12 +17,11 @@ import numpy as np
 from PIL import Image as PILImage
 
 from reir.datasets.synth import SynthConfig, generate
-from reir.engine.bundle import default_bundle
 from reir.engine.drawing import hits_sheet
-from reir.engine.engine import Engine
-from reir.engine.gallery import Gallery
-from reir.engine.indexer import index_images
-from reir.engine.retriever import Retriever
+from reir.engine.gallery.gallery import Gallery
+from reir.engine.runtime.bundle import default_bundle
+from reir.engine.runtime.engine import Engine
+from reir.engine.serving.retriever import Retriever
 from reir.evaluation import Hits, evaluate, pairwise_iou
 
 
@@ -37,9 +36,9 @@ def run_demo(out: Path, images: int = 300, seed: int = 0, bundle: Path | None = 
     gdir = out / "gallery"
     if gdir.exists():
         shutil.rmtree(gdir)
-    gallery = Gallery.create(gdir, engine.dim, "f16", model=engine.model_id, bundle=str(engine.bundle.path))
+    gallery = Gallery.for_bundle(gdir, engine.bundle)
     paths = [ds.image_path(i) for i in sorted(ds.images)]
-    rep = index_images(gallery, engine, paths, batch=32)
+    rep = gallery.add_images(paths, engine, batch=32, progress=True)
     print(f"indexed {rep.added} images, {rep.instances} instances in {rep.seconds:.1f} s")
     ds_id = {str(Path(p).resolve()): i for i, p in zip(sorted(ds.images), paths, strict=True)}
     retriever = Retriever(engine, gallery)
@@ -49,7 +48,7 @@ def run_demo(out: Path, images: int = 300, seed: int = 0, bundle: Path | None = 
     hits, latency = {}, []
     for e in exprs:  # one query at a time, as a user would: text encoding + one vector search
         t = time.perf_counter()
-        found = retriever.search(e.text, k=10, per_image=False)
+        found = retriever.search(e.text, k=10, per_image=False).hits
         latency.append(time.perf_counter() - t)
         hits[e.id] = found
     report = evaluate(
@@ -74,7 +73,7 @@ def run_demo(out: Path, images: int = 300, seed: int = 0, bundle: Path | None = 
     picks += [e for e in exprs if e not in picks][: max(0, 6 - len(picks))]
     sheets = []
     for e in picks:
-        top = retriever.search(e.text, k=5)
+        top = retriever.search(e.text, k=5).hits
         marks = [correct(e, h) for h in top]
         n_true = len(ds.answer_image_ids(e))
         print(f'\n"{e.text}"  ({e.type}; true in {n_true} of {images} images)')

@@ -1,3 +1,15 @@
+"""Shared fixtures, and the test tiers (pyproject.toml lists the markers).
+
+    make test-fast   everything but the marked tiers: the engine, galleries, the contract,
+                     data, metrics, the layering (under 3 minutes on the 2-core machine)
+    make test        every tier, what CI runs: + training (`train`), export (`export`),
+                     a real tritonserver (`triton`), real Ray clusters (`cluster`), search
+                     at scale (`scale`)
+
+Engine, gallery, Triton and cluster tests use the bundle shipped with the package
+(models/synth), so they need no torch and no training run.
+"""
+
 from __future__ import annotations
 
 import os
@@ -13,6 +25,10 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
+ROOT = Path(__file__).resolve().parents[1]
+TINY_CONFIG = ROOT / "configs" / "synth_tiny.yaml"
+SERVER_PYTHON = Path(os.environ.get("REIR_TRITON_PYTHON", ROOT / ".venv-triton" / "bin" / "python"))
+
 
 @pytest.fixture(scope="session")
 def synth_small(tmp_path_factory) -> Path:
@@ -24,7 +40,36 @@ def synth_small(tmp_path_factory) -> Path:
     return out
 
 
-TINY_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "synth_tiny.yaml"
+@pytest.fixture(scope="session")
+def engine():
+    """The shipped model in ONNX Runtime, one thread (tests run beside each other)."""
+    from reir.engine.runtime.bundle import default_bundle
+    from reir.engine.runtime.engine import Engine
+
+    return Engine.open(default_bundle(), threads=1)
+
+
+@pytest.fixture(scope="session")
+def served_root(synth_small, engine, tmp_path_factory):
+    """A gallery root holding `main` (the 120 images of synth_small, tagged by thirds) and
+    `other` (three of them, indexed under another model's id): what the conformance and
+    server tests serve. Returns (root, held-out expressions)."""
+    from reir.datasets import load_dataset
+    from reir.engine.gallery.gallery import Gallery
+
+    root = tmp_path_factory.mktemp("served") / "galleries"
+    ds = load_dataset(synth_small)
+    paths = [ds.image_path(i) for i in sorted(ds.images)]
+    with Gallery.for_bundle(root / "main", engine.bundle, progress=False) as g:
+        for n, start in enumerate(range(0, len(paths), 40)):
+            g.add_images(paths[start : start + 40], engine, tags={"part": str(n)})
+    with (
+        Gallery.open(root / "main", progress=False) as main,
+        Gallery.create(root / "other", engine.dim, model="0" * 64) as g,
+    ):
+        g.add(list(main.stored(limit=3)))
+    texts = sorted({e.text for e in ds.split_expressions("test")})
+    return root, texts
 
 
 @pytest.fixture(scope="session")

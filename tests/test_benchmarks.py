@@ -14,7 +14,7 @@ pytest.importorskip("matplotlib", reason="matplotlib not installed (bench extra)
 @pytest.fixture(scope="module")
 def encoded(tiny_bundle, tmp_path_factory):
     from reir.benchmarks.common import encoded_gallery
-    from reir.engine.bundle import Bundle
+    from reir.engine.runtime.bundle import Bundle
 
     b = Bundle.open(tiny_bundle)
     return b, encoded_gallery(b, 60, tmp_path_factory.mktemp("bench-work"))
@@ -103,7 +103,7 @@ def test_every_report_section_runs_on_the_shipped_bundle(tmp_path):
     """The shipped model at its real dimension through every section, at sizes CI affords: a
     model change cannot break the report without this failing."""
     from reir.benchmarks.run import SECTIONS, run_report
-    from reir.engine.bundle import default_bundle
+    from reir.engine.runtime.bundle import default_bundle
 
     path = run_report(
         tmp_path / "results", default_bundle(), tmp_path / "work", tiers=(20, 40), index_sizes=(2500,), requests=24

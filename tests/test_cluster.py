@@ -19,10 +19,10 @@ pytest.importorskip("ray", reason="ray not installed (cluster extra)")
 
 from reir.cluster.indexing import index_on_ray
 from reir.cluster.local import LocalCluster
-from reir.engine.bundle import default_bundle
-from reir.engine.gallery import Gallery
-from reir.engine.serve_client import AsyncServeRetriever, ServeError, ServeRetriever
-from reir.engine.sharded_gallery import ShardedGallery, global_hit
+from reir.engine.runtime.bundle import default_bundle
+from reir.engine.gallery.shard import Gallery
+from reir.engine.serving.serve_client import AsyncServeRetriever, ServeError, ServeRetriever
+from reir.engine.gallery.gallery import ShardedGallery, global_hit
 
 
 def _loopback(addresses: set[str]) -> bool:
@@ -50,7 +50,7 @@ def _rows(g) -> dict[str, list[tuple]]:
 @pytest.fixture(scope="module")
 def single(synth_small, tmp_path_factory):
     """The reference: the same images indexed by one process."""
-    from reir.engine.engine import Engine
+    from reir.engine.runtime.engine import Engine
 
     engine = Engine.open(default_bundle(), threads=2)
     path = tmp_path_factory.mktemp("single") / "g"
@@ -140,7 +140,7 @@ def served(synth_small, single, tmp_path_factory):
 
     from reir.cluster.serving import build_app, start
     from reir.datasets import load_dataset
-    from reir.engine.engine import Engine
+    from reir.engine.runtime.engine import Engine
 
     root = tmp_path_factory.mktemp("root")
     engine = Engine.open(default_bundle(), threads=2)

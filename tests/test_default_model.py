@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from reir.datasets.synth import SynthConfig, generate
-from reir.engine.bundle import Bundle, default_bundle
+from reir.engine.runtime.bundle import Bundle, default_bundle
 from reir.evaluation.protocol import evaluate_retrieval
 
 

@@ -1,4 +1,5 @@
-"""The embedded engine: real ONNX Runtime sessions, a real usearch index, a real SQLite file."""
+"""The embedded engine: real ONNX Runtime sessions of the shipped bundle, a real search
+index, a real SQLite file."""
 
 from __future__ import annotations
 
@@ -16,14 +17,8 @@ import pytest
 from PIL import Image as PILImage
 
 from reir.datasets.synth import SynthConfig, generate
-from reir.engine.gallery import Gallery, GalleryError, GalleryLocked
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_bundle):
-    from reir.engine.engine import Engine
-
-    return Engine.open(tiny_bundle, threads=1)
+from reir.engine.gallery.database import GalleryError, GalleryLocked
+from reir.engine.gallery.gallery import Gallery
 
 
 @pytest.fixture(scope="module")
@@ -57,46 +52,44 @@ def test_detect_paths_arrays_and_original_pixels(engine, images, tmp_path):
 
 
 def test_gallery_search_equals_brute_force(engine, images, tmp_path):
-    from reir.engine.indexer import index_images
-    from reir.engine.retriever import Retriever
+    from reir.engine.serving.retriever import Retriever
 
     ds, paths = images
     g = Gallery.create(tmp_path / "g", engine.dim, "f32", model=engine.model_id)
-    rep = index_images(g, engine, paths[:40], tags={"set": "a"}, batch=8, progress=False)
-    index_images(g, engine, paths[40:], tags={"set": "b"}, batch=8, progress=False)
-    assert rep.added == 40 and rep.skipped == 0 and g.info()["images"] == 60 and g.check() == []
+    rep = g.add_images(paths[:40], engine, tags={"set": "a"}, batch=8)
+    g.add_images(paths[40:], engine, tags={"set": "b"}, batch=8)
+    assert rep.added == 40 and rep.skipped == 0 and g.info().images == 60 and g.check() == []
     r = Retriever(engine, g)
     texts = [e.text for e in list(ds.expressions.values())[:20]]
     q = engine.encode_text(texts)
+    db = g.shards[0].db
     emb = np.stack(
-        [np.frombuffer(b, np.float32) for (b,) in g.db.execute("SELECT embedding FROM instances ORDER BY key")]
+        [np.frombuffer(b, np.float32) for (b,) in db.execute("SELECT embedding FROM instances ORDER BY key")]
     )
-    keys = [k for (k,) in g.db.execute("SELECT key FROM instances ORDER BY key")]
+    keys = [k for (k,) in db.execute("SELECT key FROM instances ORDER BY key")]
     for text, vec in zip(texts, q, strict=True):
-        hits = r.search(text, k=5, per_image=False)
+        hits = r.search(text, k=5, per_image=False).hits
         exact = [keys[i] for i in np.argsort(-(emb @ vec), kind="stable")[:5]]
         assert [h.instance_key for h in hits] == exact
         np.testing.assert_allclose([h.score for h in hits], [float(emb[keys.index(e)] @ vec) for e in exact], atol=1e-4)
         scan = g.search(vec, k=5, per_image=False, exact=True)[0]  # the reference scan: the same answer
         assert [h.instance_key for h in scan] == exact
-        per_image = r.search(text, k=10)
+        per_image = r.search(text, k=10).hits
         assert len({h.image_id for h in per_image}) == len(per_image) == 10
-        only_b = r.search(text, k=5, tags={"set": "b"})
+        only_b = r.search(text, k=5, tags={"set": "b"}).hits
         assert only_b and all(g.image(h.image_id)["tags"] == {"set": "b"} for h in only_b)
-    first = r.search(texts[0], k=1)[0]
+    first = r.search(texts[0], k=1).hits[0]
     assert g.remove_images([first.image_id]) == 1
-    assert first.image_id not in {h.image_id for h in r.search(texts[0], k=59)}
+    assert first.image_id not in {h.image_id for h in r.search(texts[0], k=59).hits}
     g.close()
     with Gallery.open(tmp_path / "g") as again:  # reopened read-only: same answers, consistent
-        assert again.check() == [] and again.info()["images"] == 59
+        assert again.check() == [] and again.info().images == 59
 
 
 def test_one_writer_and_readers_during_an_add(engine, images, tmp_path):
-    from reir.engine.indexer import index_images
-
     _, paths = images
     g = Gallery.create(tmp_path / "g", engine.dim, model=engine.model_id)
-    index_images(g, engine, paths[:10], progress=False)
+    g.add_images(paths[:10], engine)
     with pytest.raises(GalleryLocked, match=rf"being written by pid {os.getpid()}"):
         Gallery.open(tmp_path / "g", writable=True)
     q = engine.encode_text(["the red circle"])
@@ -112,7 +105,7 @@ def test_one_writer_and_readers_during_an_add(engine, images, tmp_path):
     threads = [threading.Thread(target=reader) for _ in range(4)]
     for t in threads:
         t.start()
-    index_images(g, engine, paths[10:], batch=4, progress=False)
+    g.add_images(paths[10:], engine, batch=4)
     for t in threads:
         t.join()
     assert not errors and counts and min(counts) == 5
@@ -164,11 +157,11 @@ def test_killed_indexing_loses_nothing_and_resumes(engine, tmp_path):
     assert proc.poll() is None, "indexing finished before it could be killed; make the job longer"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    with Gallery.open(gallery, progress=False) as g:  # stale ANN file: brought up to date from SQLite
+    with Gallery.open(gallery, progress=False) as g:  # stale index files: brought up to date from SQLite
         assert g.check() == []
-        n = g.info()["images"]
+        n = g.info().images
         assert n >= committed
-        rows = g.db.execute("SELECT image_id, embedding FROM instances GROUP BY image_id").fetchall()
+        rows = g.shards[0].db.execute("SELECT image_id, embedding FROM instances GROUP BY image_id").fetchall()
         for image_id, blob in rows:  # every committed image is searchable
             hits = g.search(np.frombuffer(blob, np.float32)[None], k=3)[0]
             assert image_id in {h.image_id for h in hits}
@@ -176,39 +169,12 @@ def test_killed_indexing_loses_nothing_and_resumes(engine, tmp_path):
     assert res.returncode == 0, res.stderr
     assert f"{n} already indexed" in res.stdout
     with Gallery.open(gallery, progress=False) as g:
-        assert g.info()["images"] == 240 and g.check() == []
-        assert g.db.execute("SELECT COUNT(DISTINCT sha256) FROM images").fetchone()[0] == 240
-
-
-@pytest.mark.parametrize("damage", ["remove the index", "truncate the vectors", "corrupt the manifest"])
-def test_a_damaged_index_is_rebuilt_from_sqlite(engine, images, tmp_path, damage):
-    from reir.engine.indexer import index_images
-
-    _, paths = images
-    g = Gallery.create(tmp_path / "g", engine.dim, model=engine.model_id)
-    index_images(g, engine, paths[:12], progress=False)
-    q = engine.encode_text(["the green square"])
-    before = [h.instance_key for h in g.search(q, k=5)[0]]
-    g.close()
-    index = tmp_path / "g" / "index"
-    if damage == "remove the index":
-        import shutil
-
-        shutil.rmtree(index)
-    elif damage == "truncate the vectors":
-        with open(index / "vectors.f16", "r+b") as f:
-            f.truncate(1000)
-    else:
-        (index / "manifest.json").write_text('{"format": "clare-reir/gallery-index", "version": 1')
-    with Gallery.open(tmp_path / "g", progress=False) as again:  # a reader rebuilds it in memory
-        assert [h.instance_key for h in again.search(q, k=5)[0]] == before and again.check() == []
-    with Gallery.open(tmp_path / "g", writable=True, progress=False) as again:  # a writer saves it
-        assert [h.instance_key for h in again.search(q, k=5)[0]] == before
-    assert json.loads((index / "manifest.json").read_text())["rows"] == len(again.index.store.keys.array)
+        assert g.info().images == 240 and g.check() == []
+        assert g.shards[0].db.execute("SELECT COUNT(DISTINCT sha256) FROM images").fetchone()[0] == 240
 
 
 def test_gallery_errors_name_the_problem(engine, tmp_path):
-    from reir.engine.retriever import Retriever
+    from reir.engine.serving.retriever import Retriever
 
     with pytest.raises(GalleryError, match="no gallery here"):
         Gallery.open(tmp_path / "nothing")
@@ -219,36 +185,17 @@ def test_gallery_errors_name_the_problem(engine, tmp_path):
     g = Gallery.create(tmp_path / "other", engine.dim, model="some-other-model")
     with pytest.raises(GalleryError, match="indexed with another model"):
         Retriever(engine, g)
+    with pytest.raises(GalleryError, match="indexed with another model"):  # nor extended with this one
+        g.add_images([], engine)
     g.close()
     res = _reir("search", "a red circle", "--gallery", str(tmp_path / "nothing"))
     assert res.returncode == 2 and "no gallery here" in res.stderr
 
 
-def test_engine_eval_matches_pytorch_eval(tiny_run, tiny_bundle, tmp_path):
-    """`reir eval --bundle` (ONNX Runtime) against `reir eval CHECKPOINT` (PyTorch): same report."""
-
-    _, _, ckpt = tiny_run
-    generate(tmp_path / "d", SynthConfig(images=500, seed=321), progress=False)
-    args = ["--data", str(tmp_path / "d"), "--split", "test", "--quiet"]
-    a = _reir("eval", "--bundle", str(tiny_bundle), *args, "--json", str(tmp_path / "onnx.json"))
-    b = _reir("eval", str(ckpt), *args, "--json", str(tmp_path / "torch.json"))
-    assert a.returncode == 0 and b.returncode == 0, a.stderr + b.stderr
-    onnx = json.loads((tmp_path / "onnx.json").read_text())
-    ma, mb = onnx["meta"]["exact_protocol"], json.loads((tmp_path / "torch.json").read_text())["metrics"]
-    assert ma.keys() == mb.keys()
-    for key in ma:  # the same protocol (every instance scored in memory): the export changes nothing
-        assert abs(ma[key] - mb[key]) <= 0.5, (key, ma[key], mb[key])
-    # the headline figures come through a real gallery (f16 vectors, its index): a near tie may
-    # flip, nothing more (200 queries: one query is 0.5 points)
-    assert "gallery's search" in onnx["meta"]["search"] and onnx["metrics"].keys() == ma.keys()
-    for key in ma:
-        assert abs(onnx["metrics"][key] - ma[key]) <= 1.0, (key, onnx["metrics"][key], ma[key])
-
-
 def test_unpad_scales_to_original_pixels_and_clips_to_the_image():
     """A box reaching past the border (a predicted centre and size can) comes back inside the
     picture; padding rows are dropped; the others scale from input to original pixels."""
-    from reir.engine.detections import unpad
+    from reir.engine.runtime.detections import unpad
 
     boxes = np.array([[[10.0, 20.0, 70.0, 60.0], [-5.0, 100.0, 140.0, 133.0], [0.0, 0.0, 1.0, 1.0]]], np.float32)
     scores, emb, num = np.array([[0.9, 0.8, 0.0]]), np.ones((1, 3, 4), np.float32), np.array([2])
@@ -257,44 +204,50 @@ def test_unpad_scales_to_original_pixels_and_clips_to_the_image():
     assert d.scores.tolist() == [0.9, 0.8] and d.embeddings.shape == (2, 4)
 
 
-def test_search_refuses_k_below_one_by_name(engine, images, tmp_path):
-    from reir.engine.indexer import index_images
-
+def test_search_refuses_k_out_of_range_by_name(engine, images, tmp_path):
     _, paths = images
-    g = Gallery.create(tmp_path / "g", engine.dim, model=engine.model_id)
-    index_images(g, engine, paths[:3], progress=False)
-    g.close()
-    for k in ("0", "-5"):
+    with Gallery.for_bundle(tmp_path / "g", engine.bundle) as g:
+        g.add_images(paths[:3], engine)
+    for k in ("0", "-5", "101"):
         res = _reir("search", "the red circle", "--gallery", str(tmp_path / "g"), "-k", k)
-        assert res.returncode == 2 and f"-k must be at least 1, got {k}" in res.stderr, res.stderr
-        assert "Traceback" not in res.stderr and "(the gallery is empty)" not in res.stdout
+        assert res.returncode == 2 and f"k: must be an integer in [1, 100], got {k}" in res.stderr, res.stderr
+        assert "Traceback" not in res.stderr and "rank" not in res.stdout
 
 
 def test_truncation_comes_from_the_one_encoding(engine, images, tmp_path):
-    """The engine cleans and tokenizes each text once; the truncation flag comes with the vector."""
-    from reir.engine.indexer import index_images
-    from reir.engine.retriever import Retriever
+    """The engine cleans and tokenizes each text once; the truncation flag comes with the vector
+    and with each expression's result."""
+    from reir.engine.serving.retriever import Retriever
 
     _, paths = images
     long = "the small red circle left of the blue star " * 20
     vecs, cut = engine.encode(["The red circle.", long])
     assert cut == [False, True] and np.array_equal(vecs[0], engine.encode_text(["the red circle"])[0])
-    g = Gallery.create(tmp_path / "g", engine.dim, model=engine.model_id)
-    index_images(g, engine, paths[:3], progress=False)
-    r = Retriever(engine, g)
-    r.search(long, k=2)
-    assert r.last_truncated == [True]
-    r.search(["a red circle", long], k=2)
-    assert r.last_truncated == [False, True]
-    g.close()
+    with Gallery.for_bundle(tmp_path / "g", engine.bundle) as g:
+        g.add_images(paths[:3], engine)
+        r = Retriever(engine, g)
+        assert [x.truncated for x in r.search(long, k=2).results] == [True]
+        assert [x.truncated for x in r.search(["a red circle", long], k=2).results] == [False, True]
 
 
 def test_decoded_images_are_detected_as_their_files(engine, images):
     """The indexer hands the decoded image straight to the engine (no array round trip)."""
-    from reir.engine.image import read_rgb
+    from reir.engine.runtime.image import read_rgb
 
     _, paths = images
     a = engine.detect([paths[1]])[0]
     b = engine.detect([read_rgb(paths[1])])[0]
     np.testing.assert_array_equal(a.boxes, b.boxes)
     np.testing.assert_array_equal(a.embeddings, b.embeddings)
+
+
+def test_a_text_query_never_loads_the_detector(tmp_path):
+    """A search front end pays for the text graph only: the visual session is made on first use."""
+    from reir.engine.runtime.bundle import default_bundle
+    from reir.engine.runtime.engine import Engine
+
+    e = Engine.open(default_bundle(), threads=1)
+    e.encode_text(["the red circle"])
+    assert e._visual is None and e._text is not None
+    e.detect([np.zeros((40, 40, 3), np.uint8)])
+    assert e._visual is not None

@@ -13,7 +13,7 @@ import pytest
 pytest.importorskip("torch", reason="torch not installed (training extra)")
 pytest.importorskip("onnx", reason="onnx not installed (export extra)")
 
-from reir.engine.bundle import Bundle, BundleError
+from reir.engine.runtime.bundle import Bundle, BundleError
 
 PROBE = 300
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None

@@ -9,8 +9,10 @@ import sqlite3
 import numpy as np
 import pytest
 
-from reir.engine.detections import Detections
-from reir.engine.gallery import Gallery, GalleryError, NewImage
+from reir.engine.runtime.detections import Detections
+from reir.engine.gallery.database import GalleryError
+from reir.engine.gallery.gallery import Gallery
+from reir.engine.gallery.records import NewImage
 
 DIM = 48
 
@@ -30,8 +32,12 @@ def _sample(rng, n: int = 1024, dim: int = DIM) -> np.ndarray:
     return (rng.standard_normal((n, 12)) @ basis).astype(np.float32)
 
 
+def _index(g: Gallery):
+    return g.info().per_shard[0].index
+
+
 def _exact_keys(g: Gallery, q: np.ndarray, k: int) -> list[int]:
-    rows = g.db.execute("SELECT key, embedding FROM instances").fetchall()
+    rows = g.shards[0].db.execute("SELECT key, embedding FROM instances").fetchall()
     keys = np.array([r[0] for r in rows])
     emb = np.stack([np.frombuffer(r[1], np.float32) for r in rows]).astype(np.float16).astype(np.float32)
     s = emb @ q
@@ -46,10 +52,10 @@ def test_large_gallery_uses_its_index_and_agrees(tmp_path):
     for start in range(0, 2500, 500):
         g.add(_images(rng, 500, start, per=24, dim=256), save_index=False)
     g.save()
-    info = g.info()["index"]
-    assert info["kind"] == "projected" and info["agreement"]["met"], info
-    assert info["query_space"]["dims"] >= 12 and info["query_space"]["energy"] >= 0.99
-    lat = info["latency_at_calibration_ms"]
+    info = _index(g)
+    assert info.kind == "projected-pq" and info.agreement["met"], info
+    assert info.query_space["dims"] >= 12 and info.query_space["energy"] >= 0.99
+    lat = info.latency_at_calibration_ms
     assert lat["index_p50"] < lat["exact_p50"]  # why the index serves: measured, not assumed
     for q in _sample(np.random.default_rng(1), 30, dim=256):  # held out: another draw from the same space
         assert [h.instance_key for h in g.search(q, k=5, per_image=False)[0]] == _exact_keys(g, q, 5)
@@ -57,14 +63,15 @@ def test_large_gallery_uses_its_index_and_agrees(tmp_path):
 
 
 def test_small_gallery_is_served_by_the_faster_exact_scan(tmp_path):
+    """3,600 rows of 48-d: the scan takes microseconds, the index's fixed cost far more, so the
+    calibration must find the scan faster and the gallery must serve it."""
     rng = np.random.default_rng(6)
     g = Gallery.create(tmp_path / "g", DIM, queries=_sample(rng))
     g.add(_images(rng, 300))
-    info = g.info()["index"]
-    assert info["agreement"]["met"]
-    if info["kind"] == "exact scan":  # what the calibration timed decides; either way the answers are exact
-        lat = info["latency_at_calibration_ms"]
-        assert lat["exact_p50"] <= lat["index_p50"]
+    info = _index(g)
+    lat = info.latency_at_calibration_ms
+    assert info.agreement["met"] and lat["exact_p50"] < lat["index_p50"], info
+    assert info.kind == "exact scan" and not g.shards[0].index.uses_candidates
     for q in _sample(np.random.default_rng(1), 10):
         assert [h.instance_key for h in g.search(q, k=5, per_image=False)[0]] == _exact_keys(g, q, 5)
     g.close()
@@ -75,7 +82,8 @@ def test_a_query_unlike_the_sample_is_searched_exactly(tmp_path):
     g = Gallery.create(tmp_path / "g", DIM, queries=_sample(rng))
     g.add(_images(rng, 300))
     q = rng.standard_normal(DIM).astype(np.float32)  # most of its norm outside the sample's space
-    assert g.index.projected.space.residual(q)[0] > g.index.manifest["projected"]["residual_limit"]
+    index = g.shards[0].index
+    assert index.candidates_index.space.residual(q)[0] > index.manifest["candidates"]["residual_limit"]
     assert [h.instance_key for h in g.search(q, k=5, per_image=False)[0]] == _exact_keys(g, q, 5)
     g.close()
 
@@ -84,16 +92,18 @@ def test_removal_compaction_and_numbers_never_reused(tmp_path):
     rng = np.random.default_rng(3)
     g = Gallery.create(tmp_path / "g", DIM, queries=_sample(rng))
     ids = g.add(_images(rng, 200))
-    last_key = g.db.execute("SELECT MAX(key) FROM instances").fetchone()[0]
+    db = g.shards[0].db
+    last_key = db.execute("SELECT MAX(key) FROM instances").fetchone()[0]
     assert g.remove_images([ids[-1]]) == 1
     new = g.add(_images(rng, 1, start=500))
     assert (
         new[0] > ids[-1]
-        and g.db.execute("SELECT MIN(key) FROM instances WHERE image_id = ?", new).fetchone()[0] > last_key
+        and db.execute("SELECT MIN(key) FROM instances WHERE image_id = ?", new).fetchone()[0] > last_key
     )
-    rows_before = g.index.store.rows
+    rows_before = g.shards[0].index.store.rows
     g.remove_images(ids[:120])  # past a quarter of the rows: the index is rebuilt without them
-    assert g.index.store.rows < rows_before and g.index.store.rows == g.index.store.live
+    store = g.shards[0].index.store
+    assert store.rows < rows_before and store.rows == store.live
     q = _sample(np.random.default_rng(4), 1)[0]
     hits = g.search(q, k=20)[0]
     assert not {h.image_id for h in hits} & set(ids[:120]) and g.check() == []
@@ -137,14 +147,14 @@ def test_schema_1_gallery_is_upgraded_by_a_writer_and_refused_to_a_reader(tmp_pa
     with pytest.raises(GalleryError, match=r"older reir \(gallery schema 1\).*reir gallery rebuild"):
         Gallery.open(path)
     with Gallery.open(path, writable=True) as g:
-        assert g.info()["images"] == 40 and g.info()["instances"] == 480 and g.dtype == "f16"
+        assert g.info().images == 40 and g.info().instances == 480 and g.dtype == "f16"
         assert not (path / "index.usearch").exists() and g.check() == []
         q = rng.standard_normal(DIM).astype(np.float32)
         assert [h.instance_key for h in g.search(q, k=5, per_image=False)[0]] == _exact_keys(g, q, 5)
         added = g.add(_images(rng, 1, start=99))
         assert added == [41]
     with Gallery.open(path) as g:  # upgraded: readable by anyone now
-        assert g.info()["images"] == 41
+        assert g.info().images == 41
 
 
 def test_bad_query_sample_is_refused_by_name(tmp_path):
@@ -158,6 +168,6 @@ def test_bad_query_sample_is_refused_by_name(tmp_path):
 
 def test_search_refuses_k_below_one(tmp_path):
     g = Gallery.create(tmp_path / "g", DIM)
-    with pytest.raises(GalleryError, match="k must be at least 1, got 0"):
+    with pytest.raises(GalleryError, match="k must be a positive integer, got 0"):
         g.search(np.zeros(DIM, np.float32), k=0)
     g.close()

@@ -205,7 +205,7 @@ def test_attribute_probe_finds_what_embeddings_encode(synth_small):
     """Embeddings that encode colour (one-hot + noise) and nothing else: colour is read back,
     shape stays near chance, and a detection off every instance is not counted."""
     from reir.datasets import load_dataset
-    from reir.engine.detections import Detections
+    from reir.engine.runtime.detections import Detections
     from reir.evaluation.probe import attribute_probe
 
     ds = load_dataset(synth_small)

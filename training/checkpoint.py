@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from reir.engine.errors import ReirError
 from reir.engine.fsutil import atomic_file
 
 from .config import Config, ConfigError, architecture_diffs, from_dict
@@ -20,7 +21,7 @@ FORMAT = "clare-reir/checkpoint"
 VERSION = 1
 
 
-class CheckpointError(ValueError):
+class CheckpointError(ReirError, ValueError):
     pass
 
 

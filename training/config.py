@@ -16,8 +16,10 @@ from typing import Any
 
 import yaml
 
+from reir.engine.errors import ReirError
 
-class ConfigError(ValueError):
+
+class ConfigError(ReirError, ValueError):
     pass
 
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from reir.engine.expressions import clean_expression
+from reir.engine.runtime.expressions import clean_expression
 
 from .config import TextConfig
 

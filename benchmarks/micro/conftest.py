@@ -119,7 +119,7 @@ def _export_raw_visual(model, path: Path, hw: tuple[int, int]) -> None:
 @pytest.fixture(scope="session")
 def tokenizer(synth_model, tmp_path_factory):
     """The engine tokenizer of the synth recipe (tokenizer.json written as the exporter does)."""
-    from reir.engine.tokenizer import Tokenizer
+    from reir.engine.runtime.tokenizer import Tokenizer
     from reir.training.text_branch import load_tokenizer
 
     cfg, _ = synth_model
@@ -132,7 +132,7 @@ def tokenizer(synth_model, tmp_path_factory):
 def images(synth_model, tmp_path_factory) -> dict[int, np.ndarray]:
     """Real synthetic scenes (so NMS sees real detections) at the model's input size."""
     from reir.datasets.synth import SynthConfig, generate
-    from reir.engine.image import read_rgb, resize_rgb
+    from reir.engine.runtime.image import read_rgb, resize_rgb
 
     cfg, _ = synth_model
     s = cfg.model.image_size

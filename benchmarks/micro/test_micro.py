@@ -13,7 +13,7 @@ from .conftest import TEXT
 
 
 def _ort(path, threads: int):
-    from reir.engine.encoders import session
+    from reir.engine.runtime.encoders import session
 
     return session(path, "cpu", threads)
 
@@ -122,15 +122,15 @@ def test_nms_and_gather(benchmark, where, graphs, images, threads):
 
 @pytest.fixture(scope="module")
 def gallery(tmp_path_factory):
-    from reir.engine.gallery import Gallery
+    from reir.engine.gallery.gallery import Gallery
 
     sample = np.random.default_rng(7).standard_normal((1024, 128)).astype(np.float32)  # queries to fit the index to
     return Gallery.create(tmp_path_factory.mktemp("gal") / "g", 128, "f16", model="bench", queries=sample)
 
 
 def _new_images(n: int, start: int, rng):
-    from reir.engine.detections import Detections
-    from reir.engine.gallery import NewImage
+    from reir.engine.gallery.records import NewImage
+    from reir.engine.runtime.detections import Detections
 
     out = []
     for i in range(start, start + n):
@@ -149,8 +149,8 @@ def test_gallery_add(benchmark, gallery):
 @pytest.mark.parametrize("per_image", [False, True])
 def test_gallery_search(benchmark, gallery, per_image):
     rng = np.random.default_rng(1)
-    if gallery.index.store.live < 20_000:
+    if gallery.shards[0].index.store.live < 20_000:
         gallery.add(_new_images(800, 10**8, rng))
     q = rng.standard_normal((1, 128)).astype(np.float32)
-    benchmark.extra_info.update(instances=gallery.index.store.live, per_image=per_image)
+    benchmark.extra_info.update(instances=gallery.shards[0].index.store.live, per_image=per_image)
     benchmark(gallery.search, q, 10, per_image)

@@ -4,64 +4,44 @@
     gallery.py  index, search, gallery info|check|rebuild|remove|sample
     eval.py     eval CHECKPOINT | --bundle BUNDLE
     train.py    train
-    export.py   export CHECKPOINT | trt | triton | queries
-    serve.py    serve, triton validate
-    bench.py    bench report|micro|steps
+    export.py   export bundle|trt|queries
+    triton.py   triton export|validate|serve
     cluster.py  cluster index|serve (Ray)
+    bench.py    bench report|micro|steps
     demo.py     demo
+    common.py   what several of them share
 
-Modules import what every host has (numpy, Pillow, the engine) at the top; torch, onnx,
-TensorRT, tritonclient and matplotlib load inside the handlers that need them, so a
-serving host without the training extra runs every serving command.
+Every module imports only argparse and the standard library at the top; each handler
+imports what its command uses, so `reir search` loads no detector, no torch and no Ray.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections.abc import Sequence
 
-from reir.datasets import DataError
-from reir.engine.bundle import BundleError
-from reir.engine.encoders import RuntimeUnavailable
-from reir.engine.fsutil import OutputExistsError
-from reir.engine.gallery import GalleryError
-from reir.engine.image import ImageError
-from reir.engine.serve_client import ServeError
-from reir.engine.triton_client import TritonError
-from reir.engine.triton_server import ServerError
+from reir.engine.errors import ReirError
 
-from . import bench, cluster, data, demo, eval, export, gallery, serve, train
+from . import bench, cluster, data, demo, eval, export, gallery, train, triton
 from .errors import UsageError
-
-# what a user can fix: one line naming the file, record or field, exit code 2
-USER_ERRORS = (
-    ValueError,
-    DataError,
-    BundleError,
-    GalleryError,
-    ImageError,
-    OutputExistsError,
-    RuntimeUnavailable,
-    TritonError,
-    ServerError,
-    ServeError,
-)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="reir", description="Referring Expression Instance Retrieval (CLARE)")
     sub = parser.add_subparsers(dest="command", required=True)
-    for module in (data, train, eval, export, gallery, serve, cluster, bench, demo):
+    for module in (data, train, eval, export, gallery, triton, cluster, bench, demo):
         module.register(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    logging.basicConfig(format="reir: %(levelname)s: %(message)s", level=logging.WARNING)
     try:
         return args.handler(args)
-    except USER_ERRORS as e:
+    except (ValueError, ReirError) as e:  # what a user can fix: one line naming the file, record or field
         print(f"reir: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -10,8 +10,6 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
-from reir.benchmarks.common import machine
-
 RESULTS = Path("benchmarks/results")
 
 
@@ -90,6 +88,8 @@ def run(args: argparse.Namespace) -> int:
     from reir.benchmarks.run import slug  # faiss, usearch, matplotlib: the bench extra
 
     args.out.mkdir(parents=True, exist_ok=True)
+    from reir.benchmarks.common import machine
+
     name = f"micro-{slug(machine())}-{datetime.now(UTC).date().isoformat()}.json"
     cmd = [
         sys.executable,

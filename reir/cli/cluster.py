@@ -12,24 +12,22 @@ import sys
 import time
 from pathlib import Path
 
-from reir.engine.bundle import default_bundle
-
-from .serve import stop_on_signals
+from .common import add_tags, parse_tags, stop_on_signals, warn_if_exposed
 
 
 def register(sub) -> None:
     c = sub.add_parser("cluster", help="index and serve galleries on a Ray cluster").add_subparsers(
         dest="cluster_command", required=True
     )
-    p = c.add_parser("index", help="index images into a sharded gallery with Ray Data")
+    p = c.add_parser("index", help="index images into a gallery (new: --shards, default 1) with Ray Data")
     p.add_argument("source", type=Path, help="image directory, list file, or Parquet manifest with a 'path' column")
     p.add_argument("--gallery", type=Path, required=True)
     p.add_argument("--shards", type=int, help="shards of a new gallery (default 1)")
-    p.add_argument("--bundle", type=Path, help="default: the shipped model")
+    p.add_argument("--bundle", type=Path, help="default: the gallery's bundle, else the shipped model")
     p.add_argument("--workers", type=int, default=2, help="encoder actors (one ONNX Runtime session each)")
     p.add_argument("--gpus-per-worker", type=float, default=0.0)
     p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--tags", nargs="*", metavar="KEY=VALUE", help="stored with every image added")
+    add_tags(p, "stored with every image added")
     p.add_argument("--address", help="a running Ray cluster (default: start one on this host, loopback only)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(handler=_index)
@@ -63,9 +61,17 @@ def _connect(address: str | None):
     return ray
 
 
-def _index(args: argparse.Namespace) -> int:
-    from .gallery import _tags
+def _bundle(gallery: Path, given: Path | None) -> Path:
+    from reir.engine.gallery.gallery import GalleryMeta, exists
+    from reir.engine.runtime.bundle import default_bundle
 
+    if exists(gallery):
+        return GalleryMeta.read(gallery).bundle_path(given)
+    return given or default_bundle()
+
+
+def _index(args: argparse.Namespace) -> int:
+    bundle = _bundle(args.gallery, args.bundle)
     ray = _connect(args.address)
     from reir.cluster.indexing import index_on_ray  # needs Ray, loaded above
 
@@ -73,11 +79,11 @@ def _index(args: argparse.Namespace) -> int:
         report = index_on_ray(
             args.source,
             args.gallery,
-            args.bundle or default_bundle(),
+            bundle,
             args.shards,
             args.workers,
             args.batch,
-            _tags(args.tags),
+            parse_tags(args.tags),
             args.gpus_per_worker,
             progress=not args.quiet,
         )
@@ -90,26 +96,20 @@ def _index(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from reir.engine.sharded_gallery import open_gallery
-
     root = args.root.resolve()
-    bundle = args.bundle
-    if bundle is None:
-        with open_gallery(root / args.gallery[0], progress=False) as g:
-            bundle = Path(g.bundle) if g.bundle and Path(g.bundle).is_dir() else default_bundle()
+    bundle = _bundle(root / args.gallery[0], args.bundle)
     ray = _connect(args.address)
     from ray import serve
 
     from reir.cluster.serving import build_app, start
 
     stop_on_signals()
-    if args.host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"warning: binding {args.host}: the app is reachable from the network", file=sys.stderr)
+    warn_if_exposed(args.host, "the app")
     try:
         url = start(
             build_app(bundle, root, args.gallery, args.replicas, args.deadline, args.encoder), args.port, args.host
         )
-        print(f"ready: {url}  (reir search --server {url.replace('http://', 'ray://')} ...); Ctrl-C stops it")
+        print(f"ready: {url}  (reir search ... --server {url} --backend serve); Ctrl-C stops it")
         while True:
             time.sleep(1)
     except KeyboardInterrupt:

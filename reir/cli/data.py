@@ -7,12 +7,6 @@ import json
 import sys
 from pathlib import Path
 
-from reir.datasets import drop_invalid, load_dataset, validate, write_canonical
-from reir.datasets.show import render_expression
-from reir.datasets.stats import dataset_stats, format_stats
-from reir.datasets.synth import SynthConfig, generate
-from reir.engine.fsutil import atomic_directory
-
 from .errors import UsageError
 
 
@@ -49,32 +43,33 @@ def register(sub) -> None:
     data = sub.add_parser("data", help="inspect, validate and convert datasets").add_subparsers(
         dest="data_command", required=True
     )
-    data.required = True
     p = data.add_parser("validate", help="check every record; exit 1 if any is bad")
     _data_args(p)
-    p.set_defaults(handler=cmd_data)
+    p.set_defaults(handler=_validate)
     p.add_argument("--skip-invalid", action="store_true", help="drop bad records, print how many of each kind")
     p.add_argument("--no-check-files", action="store_true", help="do not check that image files exist")
     p.add_argument("--max-errors", type=int, default=20, help="problems to print (all are counted)")
     p = data.add_parser("stats", help="counts, splits, expression types, specificity")
     _data_args(p)
-    p.set_defaults(handler=cmd_data)
+    p.set_defaults(handler=_stats)
     p.add_argument("--skip-invalid", action="store_true")
     p.add_argument("--json", action="store_true")
     p = data.add_parser("convert", help="convert RefCOCO / UNINEXT data to the canonical format")
     _data_args(p)
-    p.set_defaults(handler=cmd_data)
+    p.set_defaults(handler=_convert)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--skip-invalid", action="store_true")
     p.add_argument("--overwrite", action="store_true")
     p = data.add_parser("show", help="draw an expression's image with its target box")
     _data_args(p)
-    p.set_defaults(handler=cmd_data)
+    p.set_defaults(handler=_show)
     p.add_argument("--expr", type=int, required=True, help="expression id")
     p.add_argument("-o", "--output", type=Path, required=True)
 
 
 def _load(args: argparse.Namespace, skip_invalid: bool = False, check_files: bool = True):
+    from reir.datasets import drop_invalid, load_dataset, validate
+
     ds = load_dataset(args.path, args.format, split_by=args.split_by, images=args.images, split=args.split)
     problems = validate(ds, check_files=check_files)
     if skip_invalid and problems:
@@ -86,6 +81,9 @@ def _load(args: argparse.Namespace, skip_invalid: bool = False, check_files: boo
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
+    from reir.datasets.stats import dataset_stats, format_stats
+    from reir.datasets.synth import SynthConfig, generate
+
     try:
         fractions = tuple(float(x) for x in args.splits.split(","))
     except ValueError:
@@ -112,43 +110,50 @@ def cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_data(args: argparse.Namespace) -> int:
-    if args.data_command == "validate":
-        ds, problems = _load(args, skip_invalid=args.skip_invalid, check_files=not args.no_check_files)
-        if problems:
-            for p in problems[: args.max_errors]:
-                print(p, file=sys.stderr)
-            if len(problems) > args.max_errors:
-                print(f"... and {len(problems) - args.max_errors} more", file=sys.stderr)
-            kinds: dict[str, int] = {}
-            for p in problems:
-                kinds[p.kind] = kinds.get(p.kind, 0) + 1
-            summary = ", ".join(f"{k} {n}" for k, n in sorted(kinds.items()))
-            print(f"{args.path}: {len(problems)} problem(s): {summary}", file=sys.stderr)
-            return 1
-        c = ds.counts()
-        print(f"{args.path}: OK ({c['images']} images, {c['instances']} instances, {c['expressions']} expressions)")
-        return 0
-    if args.data_command == "stats":
-        ds, problems = _load(args, skip_invalid=args.skip_invalid, check_files=False)
-        st = dataset_stats(ds)
-        print(json.dumps(st, indent=2) if args.json else format_stats(st))
-        if problems:
-            print(f"note: {len(problems)} invalid record(s); run `reir data validate`", file=sys.stderr)
-        return 0
-    if args.data_command == "convert":
-        return _convert(args)
-    if args.data_command == "show":
-        ds, _ = _load(args, check_files=False)
-        img = render_expression(ds, args.expr)
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        img.save(args.output)
-        print(f"wrote {args.output}")
-        return 0
-    raise UsageError(f"unknown data command {args.data_command}")
+def _validate(args: argparse.Namespace) -> int:
+    ds, problems = _load(args, skip_invalid=args.skip_invalid, check_files=not args.no_check_files)
+    if problems:
+        for p in problems[: args.max_errors]:
+            print(p, file=sys.stderr)
+        if len(problems) > args.max_errors:
+            print(f"... and {len(problems) - args.max_errors} more", file=sys.stderr)
+        kinds: dict[str, int] = {}
+        for p in problems:
+            kinds[p.kind] = kinds.get(p.kind, 0) + 1
+        summary = ", ".join(f"{k} {n}" for k, n in sorted(kinds.items()))
+        print(f"{args.path}: {len(problems)} problem(s): {summary}", file=sys.stderr)
+        return 1
+    c = ds.counts()
+    print(f"{args.path}: OK ({c['images']} images, {c['instances']} instances, {c['expressions']} expressions)")
+    return 0
+
+
+def _stats(args: argparse.Namespace) -> int:
+    from reir.datasets.stats import dataset_stats, format_stats
+
+    ds, problems = _load(args, skip_invalid=args.skip_invalid, check_files=False)
+    st = dataset_stats(ds)
+    print(json.dumps(st, indent=2) if args.json else format_stats(st))
+    if problems:
+        print(f"note: {len(problems)} invalid record(s); run `reir data validate`", file=sys.stderr)
+    return 0
+
+
+def _show(args: argparse.Namespace) -> int:
+    from reir.datasets.show import render_expression
+
+    ds, _ = _load(args, check_files=False)
+    img = render_expression(ds, args.expr)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    img.save(args.output)
+    print(f"wrote {args.output}")
+    return 0
 
 
 def _convert(args: argparse.Namespace) -> int:
+    from reir.datasets import write_canonical
+    from reir.engine.fsutil import atomic_directory
+
     ds, problems = _load(args, skip_invalid=args.skip_invalid, check_files=True)
     if problems:
         for p in problems[:20]:

@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from reir.demo import run_demo
-
 
 def register(sub) -> None:
     p = sub.add_parser("demo", help="the main job: generate, index and query a synthetic gallery")
@@ -19,4 +17,6 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from reir.demo import run_demo
+
     return run_demo(args.out, images=args.images, seed=args.seed, bundle=args.bundle, threads=args.threads)

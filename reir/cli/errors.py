@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from reir.engine.errors import ReirError
 
-class UsageError(ValueError):
+
+class UsageError(ReirError, ValueError):
     """A wrong argument or input (a ValueError, so lower layers' checks are reported alike)."""

@@ -6,11 +6,6 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from reir.datasets import load_dataset
-from reir.engine.bundle import Bundle
-from reir.evaluation.gallery_ranker import GalleryRanker
-from reir.evaluation.protocol import evaluate_retrieval
-
 from .errors import UsageError
 
 
@@ -38,6 +33,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _checkpoint(args: argparse.Namespace):
     # torch: only for a checkpoint; a bundle is scored with no torch installed
+    from reir.datasets import load_dataset
     from reir.training.checkpoint import load_model  # torch: only for a checkpoint
     from reir.training.evaluate import evaluate_model
     from reir.training.text_branch import load_tokenizer
@@ -56,6 +52,11 @@ def _checkpoint(args: argparse.Namespace):
 
 def _bundle(args: argparse.Namespace):
     """The same report through the engine's ONNX graphs and a real gallery's search."""
+    from reir.datasets import load_dataset
+    from reir.engine.runtime.bundle import Bundle
+    from reir.evaluation.gallery_ranker import GalleryRanker
+    from reir.evaluation.protocol import evaluate_retrieval
+
     bundle = Bundle.open(args.bundle)
     ds = load_dataset(args.data)
     with tempfile.TemporaryDirectory(prefix="reir-eval-") as tmp:

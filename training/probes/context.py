@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from reir.datasets import DataError, load_dataset
-from reir.engine.image import load_rgb
+from reir.engine.runtime.image import load_rgb
 
 from ..checkpoint import CheckpointError, load_model
 from ..model import CLARE

@@ -19,7 +19,7 @@ import torch
 
 from reir.datasets import DataError, load_dataset
 from reir.datasets.synth import SceneObject
-from reir.engine.image import load_rgb
+from reir.engine.runtime.image import load_rgb
 
 from ..box_ops import box_iou, cxcywh_to_xyxy
 from ..checkpoint import CheckpointError, load_checkpoint, model_from_state

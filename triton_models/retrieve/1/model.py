@@ -1,121 +1,80 @@
-"""Triton python model `retrieve` (BLS): expressions -> encode_query -> gallery search -> hits.
+"""Triton python model `retrieve` (BLS): a search request in, its answer out.
 
-Inputs (per request, batch B): TEXT strings [B, 1], or pre-tokenised INPUT_IDS and
-ATTENTION_MASK [B, L] to skip the string path; optional K [B, 1] (default: parameter
-`default_k`, capped at `max_k`) and GALLERY [B, 1], a gallery name under the configured
-`gallery_root` (default: `default_gallery`). A name that escapes the root is refused.
-Outputs, padded to K per query: IMAGE_IDS (-1 = no hit), BOXES xyxy in original pixels,
-SCORES, INSTANCE_KEYS, DETECTION_SCORES, PATHS; TRUNCATED says an expression exceeded the max length.
+Input `REQUEST` [B, 1] string: one search request per row, the JSON document of the search
+contract (reir.engine.serving.contract: text, k, per_image, tags, gallery). Output
+`RESPONSE` [B, 1] string: its JSON answer (results with hits, truncated, partial,
+missing_shards). The text goes through the `encode_query` ensemble (tokenizer ->
+text_encoder, batched by Triton); the vectors are searched in the gallery named under the
+configured `gallery_root` (`default_gallery` when the request names none).
 
-A request the client got wrong (empty text, K out of range, an unknown gallery or one
-outside the root, missing inputs) is answered INVALID_ARG (HTTP 400, gRPC INVALID_ARGUMENT);
-anything else is the server's fault and stays INTERNAL, so monitoring can tell them apart.
+Requests that arrive together (dynamic batching) are answered together: their texts are
+encoded in one `encode_query` call. A wrong request (the contract's RequestError) is
+answered INVALID_ARG (HTTP 400, gRPC INVALID_ARGUMENT) or NOT_FOUND for an unknown
+gallery, with the message every path gives; anything else is the server's fault and
+stays INTERNAL, so monitoring can tell them apart.
 """
 
 import json
-from pathlib import Path
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from reir.engine.sharded_gallery import is_sharded, open_gallery
+from reir.engine.serving.contract import NOT_FOUND, RequestError, SearchRequest
+from reir.engine.serving.service import SearchService
 
-
-class ClientError(ValueError):
-    """The request is wrong: the client's to fix."""
+ENCODE_BATCH = 32  # encode_query's max_batch_size
 
 
 class TritonPythonModel:
     def initialize(self, args):
         cfg = json.loads(args["model_config"])
         p = {k: v["string_value"] for k, v in cfg.get("parameters", {}).items()}
-        self.root = Path(p["gallery_root"]).resolve()
-        self.default_gallery = p.get("default_gallery", "")
-        self.default_k = int(p.get("default_k", "10"))
-        self.max_k = int(p.get("max_k", "100"))
-        self.galleries = {}
+        self.service = SearchService(
+            self.encode, p["model_id"], int(p["dim"]), p["gallery_root"], p.get("default_gallery") or None
+        )
 
-    def gallery(self, name):
-        path = (self.root / (name or self.default_gallery)).resolve()
-        if not path.is_relative_to(self.root):
-            raise ClientError(f"gallery {name!r} is outside the configured gallery root")
-        if path not in self.galleries:
-            if not (path / "gallery.sqlite").is_file() and not is_sharded(path):
-                raise ClientError(f"no gallery named {name or self.default_gallery!r} under the gallery root")
-            self.galleries[path] = open_gallery(path, progress=False)
-        return self.galleries[path]
-
-    def encode(self, req):
-        text = pb_utils.get_input_tensor_by_name(req, "TEXT")
-        if text is not None:
-            for t in text.as_numpy().reshape(-1):
-                if not (t.decode("utf-8", "replace") if isinstance(t, bytes) else str(t)).strip():
-                    raise ClientError("empty expression")
-            inputs, model = [pb_utils.Tensor("TEXT", text.as_numpy())], "encode_query"
-        else:
-            ids = pb_utils.get_input_tensor_by_name(req, "INPUT_IDS")
-            mask = pb_utils.get_input_tensor_by_name(req, "ATTENTION_MASK")
-            if ids is None or mask is None:
-                raise ClientError("send TEXT, or INPUT_IDS and ATTENTION_MASK")
-            inputs, model = (
-                [pb_utils.Tensor("input_ids", ids.as_numpy()), pb_utils.Tensor("attention_mask", mask.as_numpy())],
-                "text_encoder",
-            )
-        names = ["query", "truncated"] if model == "encode_query" else ["query"]
-        res = pb_utils.InferenceRequest(model_name=model, requested_output_names=names, inputs=inputs).exec()
-        if res.has_error():  # the encoder's verdict decides whose fault it is
-            err = res.error()
-            if err.code() == pb_utils.TritonError.INVALID_ARG:
-                raise ClientError(err.message())
-            raise RuntimeError(err.message())
-        q = pb_utils.get_output_tensor_by_name(res, "query").as_numpy()
-        t = pb_utils.get_output_tensor_by_name(res, "truncated")
-        trunc = t.as_numpy().reshape(-1) if t is not None else np.zeros(len(q), bool)
-        return q, trunc
+    def encode(self, texts):
+        """Query vectors and truncation flags from `encode_query`, in its batch size."""
+        vectors, cut = [], []
+        for start in range(0, len(texts), ENCODE_BATCH):
+            chunk = texts[start : start + ENCODE_BATCH]
+            text = pb_utils.Tensor("TEXT", np.array([[t.encode("utf-8")] for t in chunk], dtype=object))
+            res = pb_utils.InferenceRequest(
+                model_name="encode_query", requested_output_names=["query", "truncated"], inputs=[text]
+            ).exec()
+            if res.has_error():
+                raise RuntimeError(f"encode_query: {res.error().message()}")
+            vectors.append(pb_utils.get_output_tensor_by_name(res, "query").as_numpy())
+            cut += [bool(x) for x in pb_utils.get_output_tensor_by_name(res, "truncated").as_numpy().reshape(-1)]
+        return np.concatenate(vectors).astype(np.float32), cut
 
     def execute(self, requests):
+        rows, parsed = [], []  # (request index, row) of each JSON document, and what it parsed to
+        for i, req in enumerate(requests):
+            tensor = pb_utils.get_input_tensor_by_name(req, "REQUEST")
+            for raw in tensor.as_numpy().reshape(-1):
+                rows.append(i)
+                try:
+                    parsed.append(SearchRequest.from_json(raw if isinstance(raw, bytes) else str(raw)))
+                except RequestError as e:
+                    parsed.append(e)
+        valid = [j for j, p in enumerate(parsed) if not isinstance(p, RequestError)]
+        try:
+            answers = dict(zip(valid, self.service.answer_batch([parsed[j] for j in valid]), strict=True))
+        except Exception as e:  # the server's fault: every request of the batch gets it
+            error = pb_utils.TritonError(f"retrieve: {e}")
+            return [pb_utils.InferenceResponse(error=error) for _ in requests]
         out = []
-        for req in requests:
-            try:
-                q, trunc = self.encode(req)
-                k_in = pb_utils.get_input_tensor_by_name(req, "K")
-                g_in = pb_utils.get_input_tensor_by_name(req, "GALLERY")
-                k = int(k_in.as_numpy().reshape(-1)[0]) if k_in is not None else self.default_k
-                if not 1 <= k <= self.max_k:
-                    raise ClientError(f"K must be in [1, {self.max_k}], got {k}")
-                name = g_in.as_numpy().reshape(-1)[0] if g_in is not None else b""
-                name = name.decode("utf-8") if isinstance(name, bytes) else str(name)
-                hits = self.gallery(name).search(q, k=k)
-                b = len(q)
-                ids = np.full((b, k), -1, np.int64)
-                keys = np.full((b, k), -1, np.int64)
-                boxes = np.zeros((b, k, 4), np.float32)
-                scores = np.zeros((b, k), np.float32)
-                det = np.zeros((b, k), np.float32)
-                paths = np.full((b, k), b"", dtype=object)
-                for i, hs in enumerate(hits):
-                    for j, h in enumerate(hs):
-                        ids[i, j], keys[i, j], scores[i, j] = h.image_id, h.instance_key, h.score
-                        det[i, j] = h.detection_score
-                        boxes[i, j] = h.box
-                        paths[i, j] = h.path.encode("utf-8")
-                tensors = [
-                    pb_utils.Tensor("IMAGE_IDS", ids),
-                    pb_utils.Tensor("BOXES", boxes),
-                    pb_utils.Tensor("SCORES", scores),
-                    pb_utils.Tensor("INSTANCE_KEYS", keys),
-                    pb_utils.Tensor("DETECTION_SCORES", det),
-                    pb_utils.Tensor("PATHS", paths),
-                    pb_utils.Tensor("TRUNCATED", np.asarray(trunc, bool).reshape(b, 1)),
-                ]
-                out.append(pb_utils.InferenceResponse(output_tensors=tensors))
-            except ClientError as e:
-                error = pb_utils.TritonError(f"retrieve: {e}", pb_utils.TritonError.INVALID_ARG)
-                out.append(pb_utils.InferenceResponse(error=error))
-            except Exception as e:
-                out.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"retrieve: {e}")))
+        for i in range(len(requests)):
+            mine = [answers.get(j, parsed[j]) for j, r in enumerate(rows) if r == i]
+            bad = next((a for a in mine if isinstance(a, RequestError)), None)
+            if bad is not None:
+                code = pb_utils.TritonError.NOT_FOUND if bad.code == NOT_FOUND else pb_utils.TritonError.INVALID_ARG
+                out.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(bad), code)))
+                continue
+            body = np.array([[json.dumps(a.to_json()).encode("utf-8")] for a in mine], dtype=object)
+            out.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("RESPONSE", body)]))
         return out
 
     def finalize(self):
-        for g in self.galleries.values():
-            g.close()
+        self.service.close()

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from reir.engine.encoders import session
+from reir.engine.runtime.encoders import session
 
 
 class TritonPythonModel:

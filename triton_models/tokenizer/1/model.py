@@ -1,6 +1,6 @@
 """Triton python model `tokenizer`: expressions (TYPE_STRING) -> input_ids, attention_mask.
 
-Same cleaning and tokenizer.json as the embedded engine (reir.engine.tokenizer). Pads to
+Same cleaning and tokenizer.json as the embedded engine (reir.engine.runtime.tokenizer). Pads to
 the model's max length so that requests batch together downstream. Texts longer than
 that are truncated and flagged in `truncated`.
 """
@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from reir.engine.tokenizer import Tokenizer
+from reir.engine.runtime.tokenizer import Tokenizer
 
 
 class TritonPythonModel:

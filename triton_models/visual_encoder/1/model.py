@@ -5,7 +5,7 @@ from pathlib import Path
 
 import triton_python_backend_utils as pb_utils
 
-from reir.engine.encoders import session
+from reir.engine.runtime.encoders import session
 
 OUTPUTS = ["boxes", "scores", "embeddings", "num_detections"]
 

@@ -13,10 +13,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image as PILImage
 
+from reir.engine.errors import ReirError
+
 MAX_PIXELS = 64_000_000  # refuse decompression bombs rather than exhaust memory
 
 
-class ImageError(ValueError):
+class ImageError(ReirError, ValueError):
     """An image that cannot be used; the message names the file and the reason."""
 
 

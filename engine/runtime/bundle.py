@@ -23,14 +23,15 @@ from typing import Any
 
 import numpy as np
 
-from .encoders import TextEncoder, VisualEncoder
-from .tokenizer import Tokenizer
+from reir.engine.errors import ReirError
+from reir.engine.runtime.encoders import TextEncoder, VisualEncoder
+from reir.engine.runtime.tokenizer import Tokenizer
 
 FORMAT = "clare-reir/bundle"
 VERSION = 1
 
 
-class BundleError(RuntimeError):
+class BundleError(ReirError):
     pass
 
 
@@ -81,6 +82,12 @@ class Bundle:
                 raise BundleError(f"{f}: listed in the manifest but missing")
             if f.stat().st_size != meta["bytes"] or sha256_file(f) != meta["sha256"]:
                 raise BundleError(f"{f}: checksum mismatch (truncated or modified after export)")
+
+    @property
+    def model_id(self) -> str:
+        """Names the embedding space (the hash of the checkpoint it was exported from):
+        galleries remember it and refuse vectors or queries from another model."""
+        return self.manifest["source"]["sha256"]
 
     @property
     def dim(self) -> int:

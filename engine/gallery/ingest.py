@@ -1,8 +1,8 @@
-"""`reir index`: images from a directory or a list file into a gallery, resumably.
+"""Adding image files to a gallery (`Gallery.add_images`, `reir index`), resumably.
 
 Images are keyed by the SHA-256 of their bytes: re-running the same command after a crash
 (or on a grown directory) adds only what is not there yet. Every batch is one SQLite
-transaction; the ANN file is saved at commit points and at the end. Unusable files are
+transaction; the search index is saved at commit points and at the end. Unusable files are
 reported by path and skipped; the summary says how many.
 """
 
@@ -17,12 +17,12 @@ from typing import TYPE_CHECKING
 from PIL import Image as PILImage
 from tqdm import tqdm
 
-from .engine import Engine
-from .image import ImageError, read_rgb
-from .records import NewImage
+from reir.engine.gallery.records import NewImage
+from reir.engine.runtime.image import ImageError, read_rgb
 
 if TYPE_CHECKING:  # the gallery calls the indexer, not the other way round
-    from .gallery import Gallery
+    from reir.engine.gallery.gallery import Gallery
+    from reir.engine.runtime.engine import Engine
 
 
 @dataclass
@@ -71,7 +71,7 @@ def list_images(source: str | Path) -> tuple[list[Path], list[str]]:
     raise ImageError(f"{source}: no such directory or list file")
 
 
-def index_images(
+def ingest(
     gallery: Gallery,
     engine: Engine,
     paths: list[Path],
@@ -80,6 +80,7 @@ def index_images(
     save_every_s: float = 30.0,
     progress: bool = True,
 ) -> IndexReport:
+    """What `Gallery.add_images` does (it checks the engine's model first)."""
     report = IndexReport()
     if gallery.query_sample() is None and engine.query_sample is not None:
         gallery.set_query_sample(engine.query_sample)

@@ -12,29 +12,22 @@ from pathlib import Path
 
 import numpy as np
 
-from .bundle import Bundle
-from .detections import Detections, unpad
-from .expressions import clean_expression
-from .image import ImageError, read_rgb, resize_rgb
+from reir.engine.runtime.bundle import Bundle
+from reir.engine.runtime.detections import Detections, unpad
+from reir.engine.runtime.encoders import TextEncoder, VisualEncoder
+from reir.engine.runtime.expressions import clean_expression
+from reir.engine.runtime.image import ImageError, read_rgb, resize_rgb
 
 
 class Engine:
-    def __init__(
-        self,
-        bundle: Bundle,
-        device: str = "cpu",
-        threads: int = 0,
-        batch: int = 16,
-        cache: int = 4096,
-        visual: bool = True,
-    ):
-        """visual=False: text only (a query front end never runs the detector; the visual
-        session is most of an engine's memory)."""
+    def __init__(self, bundle: Bundle, device: str = "cpu", threads: int = 0, batch: int = 16, cache: int = 4096):
+        """Each graph loads on first use: a search front end never pays for the detector
+        (most of an engine's memory and most of its start-up), an indexer never for text."""
         self.bundle = bundle
         self.device = device
-        self.text = bundle.text_encoder(device, threads)
-        self.visual = bundle.visual_encoder(device, threads) if visual else None
+        self.threads = threads
         self.batch = batch
+        self._text = self._visual = None
         self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self._cache_size = cache
 
@@ -44,13 +37,24 @@ class Engine:
         return cls(b, device, threads, batch)
 
     @property
+    def text(self) -> TextEncoder:
+        if self._text is None:
+            self._text = self.bundle.text_encoder(self.device, self.threads)
+        return self._text
+
+    @property
+    def visual(self) -> VisualEncoder:
+        if self._visual is None:
+            self._visual = self.bundle.visual_encoder(self.device, self.threads)
+        return self._visual
+
+    @property
     def dim(self) -> int:
         return self.bundle.dim
 
     @property
     def model_id(self) -> str:
-        """Names the embedding space: galleries remember it and refuse queries from another model."""
-        return self.bundle.manifest["source"]["sha256"]
+        return self.bundle.model_id
 
     @property
     def query_sample(self) -> np.ndarray | None:
@@ -108,8 +112,6 @@ class Engine:
 
     def detect_prepared(self, arrays: np.ndarray, sizes: list[tuple[int, int]]) -> list[Detections]:
         """The visual graph on prepared images [N, h, w, 3]; boxes in each image's own pixels."""
-        if self.visual is None:
-            raise RuntimeError("this Engine was opened text-only (visual=False)")
         out: list[Detections] = []
         for start in range(0, len(arrays), self.batch):
             part = arrays[start : start + self.batch]

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .tokenizer import Tokenizer
+from reir.engine.errors import ReirError
+from reir.engine.runtime.tokenizer import Tokenizer
 
 PROVIDERS = {
     "cpu": ["CPUExecutionProvider"],
@@ -19,7 +20,7 @@ PROVIDERS = {
 }
 
 
-class RuntimeUnavailable(RuntimeError):
+class RuntimeUnavailable(ReirError):
     pass
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .detections import Detections
+from reir.engine.runtime.detections import Detections
 
 
 @dataclass(frozen=True)

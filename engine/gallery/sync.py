@@ -1,5 +1,5 @@
-"""Keeping a gallery's index in step with SQLite, its source of truth: catch up after a kill
-(or another process's writes), or rebuild from scratch."""
+"""Keeping a shard's search index in step with SQLite, its source of truth: catch up after a
+kill (or another process's writes), or rebuild from scratch."""
 
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from .gallery_db import query_sample
-from .gallery_index import GalleryIndex
+from reir.engine.gallery.database import query_sample
+from reir.engine.search.index import SearchIndex
 
 
-def catch_up(index: GalleryIndex, db: sqlite3.Connection, progress: bool) -> bool:
+def catch_up(index: SearchIndex, db: sqlite3.Connection, progress: bool) -> bool:
     """Apply what SQLite committed after the index's last save: drop removed instances,
     append new ones. False when the difference is not an append (the index is rebuilt)."""
     store = index.store
@@ -40,30 +40,33 @@ def catch_up(index: GalleryIndex, db: sqlite3.Connection, progress: bool) -> boo
 
 
 def rebuild(
-    db: sqlite3.Connection, path: Path, dim: int, dtype: str, writable: bool, generation: int, progress: bool
-) -> GalleryIndex:
-    """A fresh index from SQLite: built beside the old one and swapped in (a writer), or
-    held in memory (a reader, which may not write)."""
+    db: sqlite3.Connection, path: Path, dim: int, dtype: str, kind: str, generation: int, writable: bool, progress: bool
+) -> SearchIndex:
+    """A fresh index from SQLite. A writer builds it beside the old one, trains it, and swaps
+    it in; a reader, which may not write, holds the vectors in memory and scans them exactly
+    (it never trains: that is the writer's job, `reir gallery rebuild`)."""
     new = path / f"index.new-{os.getpid()}" if writable else None
     if new is not None:
         shutil.rmtree(new, ignore_errors=True)
-    idx = GalleryIndex.create(new, dim, dtype)
+    idx = SearchIndex.create(new, dim, dtype, kind)
     total = db.execute("SELECT COUNT(*) FROM instances").fetchone()[0]
-    bar = progress_bar(progress, total, "rebuilding index")
+    bar = progress_bar(progress, total, "rebuilding index" if writable else "reading vectors")
     cur = db.execute("SELECT key, image_id, embedding FROM instances ORDER BY image_id, key")
     while rows := cur.fetchmany(4096):
         idx.append(*_unpack(rows))
         if bar is not None:
             bar(len(rows))
+    if new is None:
+        idx.manifest["generation"] = generation
+        return idx
     idx.fit(query_sample(db), progress_bar(progress, total, "checking the index"))
-    idx.save(generation, force_pq=True)
-    if new is not None:
-        root, old = path / "index", path / f"index.old-{os.getpid()}"
-        if root.exists():
-            os.replace(root, old)
-        os.replace(new, root)
-        shutil.rmtree(old, ignore_errors=True)
-        idx.move_to(root)
+    idx.save(generation)
+    root, old = path / "index", path / f"index.old-{os.getpid()}"
+    if root.exists():
+        os.replace(root, old)
+    os.replace(new, root)
+    shutil.rmtree(old, ignore_errors=True)
+    idx.move_to(root)
     return idx
 
 

@@ -23,6 +23,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from reir.engine.errors import ReirError
+
 NGC_COMMAND = (
     "docker run --gpus all --rm -p 8000:8000 -p 8001:8001 -p 8002:8002 "
     "-v {repo}:/models -v {gallery_root}:{gallery_root} "
@@ -31,7 +33,7 @@ NGC_COMMAND = (
 )
 
 
-class ServerError(RuntimeError):
+class ServerError(ReirError):
     pass
 
 

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from reir.engine.errors import ReirError
+
 SCHEMA_VERSION = 2
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -34,8 +36,8 @@ CREATE TABLE IF NOT EXISTS query_sample (id INTEGER PRIMARY KEY, vector BLOB NOT
 """
 
 
-class GalleryError(RuntimeError):
-    pass
+class GalleryError(ReirError):
+    """A gallery that cannot be used as asked; the message names its path."""
 
 
 class GalleryLocked(GalleryError):

@@ -1,67 +1,71 @@
-"""A durable gallery: SQLite (WAL) is the source of truth, G/index/ a search cache rebuilt from it.
+"""One shard of a gallery: SQLite (WAL) is the source of truth, index/ a search cache rebuilt from it.
 
-    G/gallery.sqlite   images (path, sha256, size, tags, added), instances (key, image, box,
-                       detection score, raw f32 embedding), the query sample, meta
-    G/index/           the search index (engine/gallery_index.py)
-    G/writer.lock      one writer at a time (flock); readers never block
+    gallery.sqlite   images (path, sha256, size, tags, added), instances (key, image, box,
+                     detection score, raw f32 embedding), the query sample, meta
+    index/           the search index (engine/search/index.py)
+    writer.lock      one writer at a time (flock); readers never block
 
 Every write is one SQLite transaction that also bumps `generation`; the index commits the
 generation it reflects. Opening compares the two and catches the index up from SQLite (or
-rebuilds it), so a kill at any moment loses nothing that was committed.
+rebuilds it), so a kill at any moment loses nothing that was committed. A reader that
+finds the index damaged scans the vectors exactly (same answers, slower) and says so in
+`info()`; the next writer rebuilds it.
 
-Search returns what the exact inner-product ranking over the stored vectors returns: the
-index proposes candidates, their scores are computed exactly, and the gallery measures on
-held-out sample queries how many candidates it needs for that (`info()["index"]`).
+Users open a `Gallery` (engine/gallery/gallery.py), which is one or more of these.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .gallery_check import check_gallery
-from .gallery_db import (
+from reir.engine.gallery.check import check_shard
+from reir.engine.gallery.database import (
     SCHEMA,
     SCHEMA_VERSION,
     GalleryError,
-    GalleryLocked,
     connect,
     query_sample,
     upgrade,
     write_sample,
     writer_lock,
 )
-from .gallery_index import GalleryIndex
-from .index_sync import catch_up, progress_bar, rebuild
-from .indexer import index_images
-from .records import Hit, NewImage
-from .tag_index import TagIndex
-
-__all__ = ["DTYPES", "Gallery", "GalleryError", "GalleryLocked", "Hit", "NewImage"]
+from reir.engine.gallery.info import IndexInfo, Measurement, ShardInfo
+from reir.engine.gallery.records import Hit, NewImage
+from reir.engine.gallery.sync import catch_up, progress_bar, rebuild
+from reir.engine.gallery.tags import TagIndex
+from reir.engine.runtime.detections import Detections
+from reir.engine.search.agreement import Agreement
+from reir.engine.search.candidates import DEFAULT
+from reir.engine.search.index import IndexDamaged, SearchIndex
 
 DTYPES = ("f16", "f32")
 COMPACT_DEAD = 0.25  # rebuild the index once this share of its rows was removed
+log = logging.getLogger("reir")
 
 
-class Gallery:
-    def __init__(self, path: Path, db: sqlite3.Connection, writable: bool):
-        self.path, self.db, self.writable = path, db, writable
+class Shard:
+    def __init__(self, path: Path, db: sqlite3.Connection, writable: bool, number: int = 0):
+        self.path, self.db, self.writable, self.number = path, db, writable, number
         meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
         self.dim = int(meta["dim"])
         self.dtype = meta["dtype"]
         self.model = meta.get("model", "")
         self.bundle = meta.get("bundle", "")  # the bundle that indexed it: the default for searching
+        self.kind = meta.get("candidates", DEFAULT)  # the candidate index design
         self._lock = threading.RLock()  # writers against readers within the process
         self._lock_fd: int | None = None
-        self.index: GalleryIndex | None = None
+        self.index: SearchIndex | None = None
         self.tags = TagIndex()
 
     # -- open / create ------------------------------------------------------------------
@@ -74,11 +78,9 @@ class Gallery:
         model: str = "",
         bundle: str = "",
         queries: np.ndarray | None = None,
-    ) -> Gallery:
-        """A new, empty gallery. `model` names the embedding space (the bundle's source hash):
-        vectors from another model would be silently meaningless, so it is checked on use.
-        `queries`: a sample of query vectors the search index is fitted to (the bundle's;
-        without one every search scans all vectors, exact but slow on large galleries)."""
+        candidates: str = DEFAULT,
+        number: int = 0,
+    ) -> Shard:
         path = Path(path)
         if dtype not in DTYPES:
             raise GalleryError(f"dtype must be one of {DTYPES}, got {dtype!r}")
@@ -96,6 +98,7 @@ class Gallery:
                     ("dtype", dtype),
                     ("model", model),
                     ("bundle", bundle),
+                    ("candidates", candidates),
                     ("generation", "0"),
                     ("next_image", "1"),
                     ("next_key", "1"),
@@ -103,39 +106,38 @@ class Gallery:
                 ],
             )
             write_sample(db, queries, dim)
-        g = cls(path, db, writable=True)
-        g._acquire_writer()
+        s = cls(path, db, writable=True, number=number)
+        s._lock_fd = writer_lock(path)
         shutil.rmtree(path / "index", ignore_errors=True)
-        g.index = GalleryIndex.create(path / "index", dim, dtype)
-        g.index.save(g._generation())
-        return g
+        s.index = SearchIndex.create(path / "index", dim, dtype, s.kind)
+        s.index.save(s._generation())
+        return s
 
     @classmethod
-    def open(cls, path: str | Path, writable: bool = False, progress: bool = True) -> Gallery:
+    def open(cls, path: str | Path, writable: bool = False, progress: bool = True, number: int = 0) -> Shard:
         path = Path(path)
         dbfile = path / "gallery.sqlite"
         if not dbfile.is_file():
-            if (path / "shards.json").is_file():
-                raise GalleryError(f"{path}: a sharded gallery; open it with ShardedGallery or open_gallery")
             raise GalleryError(f"{path}: no gallery here (missing gallery.sqlite; create one with `reir index`)")
         try:
             db = connect(dbfile, read_only=not writable)
             db.execute("SELECT 1 FROM sqlite_master").fetchone()
         except sqlite3.DatabaseError as e:
             raise GalleryError(f"{dbfile}: not a readable gallery database ({e})") from None
-        lock_fd = writer_lock(path) if writable else None
+        lock_fd = None
         try:
+            lock_fd = writer_lock(path) if writable else None
             upgraded = upgrade(db, dbfile, writable)
-            g = cls(path, db, writable)
+            s = cls(path, db, writable, number)
         except BaseException:
             db.close()
             if lock_fd is not None:
                 os.close(lock_fd)
             raise
-        g._lock_fd = lock_fd
-        g.tags = TagIndex.load(db)
-        g._load_index(progress, rebuild=upgraded)
-        return g
+        s._lock_fd = lock_fd
+        s.tags = TagIndex.load(db)
+        s._load_index(progress, rebuild=upgraded)
+        return s
 
     def close(self) -> None:
         self.db.close()
@@ -143,15 +145,9 @@ class Gallery:
             os.close(self._lock_fd)
             self._lock_fd = None
 
-    def __enter__(self) -> Gallery:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
     # -- writing ------------------------------------------------------------------------
     def known(self, sha256s: list[str]) -> set[str]:
-        """Which of these content hashes are already in the gallery (so indexing resumes)."""
+        """Which of these content hashes are already stored (so indexing resumes)."""
         rows = []
         for start in range(0, len(sha256s), 500):
             chunk = sha256s[start : start + 500]
@@ -203,14 +199,6 @@ class Gallery:
         self.db.executemany("INSERT INTO instances VALUES (?,?,?,?,?,?,?,?)", rows)
         return len(rows)
 
-    def add_images(
-        self, images: list, engine, tags: dict[str, str] | None = None, batch: int = 32, progress: bool = False
-    ):
-        """Detect and add image files (skipping ones already here by content hash); returns
-        the IndexReport (added, skipped with reasons, ...). A gallery without a query sample
-        takes the engine's bundle's."""
-        return index_images(self, engine, [Path(p) for p in images], tags, batch, progress=progress)
-
     def remove_images(self, ids: list[int]) -> int:
         self._require_writer()
         with self._lock:
@@ -225,8 +213,6 @@ class Gallery:
         return query_sample(self.db)
 
     def set_query_sample(self, queries: np.ndarray, progress: bool = False) -> None:
-        """Replace the query vectors the index is fitted to (a bundle's sample, or a
-        deployment's own query log): the index is refitted and re-checked."""
         self._require_writer()
         with self._lock:
             with self.db:
@@ -236,28 +222,18 @@ class Gallery:
             self._save_index(progress)
 
     def save(self) -> None:
-        """A commit point for the index (add() with save_index=False defers it)."""
         with self._lock:
             self._save_index()
 
+    def rebuild(self, progress: bool = True) -> None:
+        with self._lock:
+            self._rebuild(progress)
+
     # -- reading ------------------------------------------------------------------------
     def search(
-        self,
-        queries: np.ndarray,
-        k: int = 10,
-        per_image: bool = True,
-        tags: dict[str, str] | None = None,
-        exact: bool = False,
+        self, queries: np.ndarray, k: int, per_image: bool, tags: dict[str, str] | None, exact: bool
     ) -> list[list[Hit]]:
-        """Top-k hits per query vector, ranked by the exact dot product. per_image: the best
-        instance of each image only; tags: only images whose tags include all of these;
-        exact: scan every vector instead of asking the index for candidates (the reference
-        the index is checked against; slow on large galleries)."""
-        queries = np.atleast_2d(np.asarray(queries, np.float32))
-        if queries.shape[1] != self.dim:
-            raise GalleryError(f"query dim {queries.shape[1]} != gallery dim {self.dim}")
-        if k < 1:
-            raise GalleryError(f"k must be at least 1, got {k}")
+        """Top-k hits per query vector (local ids), ranked by the exact dot product."""
         return [self._search_one(q, k, per_image, tags, exact) for q in queries]
 
     def _search_one(self, q: np.ndarray, k: int, per_image: bool, tags, exact: bool) -> list[Hit]:
@@ -289,6 +265,18 @@ class Gallery:
                 out.append(Hit(r[1], r[7], (r[2], r[3], r[4], r[5]), float(score), key, r[6]))
         return out
 
+    def stored(self, limit: int | None = None) -> Iterator[NewImage]:
+        """The stored images as they were added (detections included), in id order."""
+        q = "SELECT id, path, sha256, width, height, bytes, tags FROM images ORDER BY id LIMIT ?"
+        for image_id, path, sha, w, h, size, tags in self.db.execute(q, (-1 if limit is None else limit,)).fetchall():
+            rows = self.db.execute(
+                "SELECT x1, y1, x2, y2, score, embedding FROM instances WHERE image_id = ? ORDER BY key", (image_id,)
+            ).fetchall()
+            boxes = np.array([r[:4] for r in rows], np.float64).reshape(-1, 4)
+            emb = np.array([np.frombuffer(r[5], np.float32) for r in rows], np.float32).reshape(len(rows), self.dim)
+            dets = Detections(boxes, np.array([r[4] for r in rows], np.float32), emb)
+            yield NewImage(path, sha, w, h, size, dets, json.loads(tags) or None)
+
     def image(self, image_id: int) -> dict[str, Any] | None:
         r = self.db.execute(
             "SELECT id, path, sha256, width, height, bytes, tags, added FROM images WHERE id = ?", (image_id,)
@@ -298,39 +286,30 @@ class Gallery:
         keys = ("id", "path", "sha256", "width", "height", "bytes", "tags", "added")
         return dict(zip(keys, r, strict=True)) | {"tags": json.loads(r[6])}
 
-    def info(self) -> dict[str, Any]:
-        n_img = self.db.execute("SELECT COUNT(*) FROM images").fetchone()[0]
-        n_inst = self.db.execute("SELECT COUNT(*) FROM instances").fetchone()[0]
-        n_sample = self.db.execute("SELECT COUNT(*) FROM query_sample").fetchone()[0]
+    def info(self) -> ShardInfo:
+        count = lambda table: self.db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]  # noqa: E731
         files = [p for p in self.path.rglob("*") if p.is_file()]
-        return {
-            "path": str(self.path),
-            "images": n_img,
-            "instances": n_inst,
-            "dim": self.dim,
-            "dtype": self.dtype,
-            "model": self.model,
-            "generation": self._generation(),
-            "query_sample": n_sample,
-            "index": self.index.describe(self.path / "index"),
-            "bytes_on_disk": sum(f.stat().st_size for f in files),
-        }
+        return ShardInfo(
+            shard=self.number,
+            path=str(self.path),
+            images=count("images"),
+            instances=count("instances"),
+            generation=self._generation(),
+            query_sample=count("query_sample"),
+            bytes_on_disk=sum(f.stat().st_size for f in files),
+            index=IndexInfo(**self.index.describe(self.path / "index")),
+        )
 
     def check(self) -> list[str]:
-        """Problems found (empty = consistent): SQLite itself, the index rows against SQLite,
-        and the index's agreement with the exact scan, measured again now."""
-        return check_gallery(self)
+        return check_shard(self)
 
-    def measure(self) -> dict | None:
-        """Agreement of the index with the exact scan on held-out sample queries, measured
-        now with the index's current candidate sizes (None: no index, searches are exact)."""
+    def measure(self) -> Measurement:
         with self._lock:
-            return self.index.measure(self.query_sample())
-
-    def rebuild(self, progress: bool = True) -> None:
-        """Rebuild the index from the embeddings stored in SQLite."""
-        with self._lock:
-            self._rebuild(progress)
+            m = self.index.measure(self.query_sample())
+        if m is None:
+            return Measurement(self.number, self.index.store.live, None, exact_because=self.index.why_exact())
+        a = Agreement(m["top1"], m["top10"], m["recall10"], m["queries"])
+        return Measurement(self.number, m["rows"], a, m["met"])
 
     # -- internals ----------------------------------------------------------------------
     def _meta_int(self, key: str) -> int:
@@ -344,7 +323,8 @@ class Gallery:
 
     def _save_index(self, progress: bool = False) -> None:
         idx = self.index
-        if self.writable and idx.store.rows and idx.store.live < (1 - COMPACT_DEAD) * idx.store.rows:
+        stale = idx.damage is not None or (idx.store.rows and idx.store.live < (1 - COMPACT_DEAD) * idx.store.rows)
+        if self.writable and stale:
             self._rebuild(progress)
             return
         idx.fit(self.query_sample(), progress_bar(progress, idx.store.rows, "checking the index"))
@@ -356,22 +336,32 @@ class Gallery:
             for stray in self.path.glob("index.*"):  # a rebuild a kill interrupted
                 if stray.is_dir():
                     shutil.rmtree(stray, ignore_errors=True)
+        why = None
         if not rebuild:
             try:
-                self.index = GalleryIndex.load(root, self.dim, self.dtype, self.writable)
-            except (OSError, ValueError, KeyError):
-                self.index = None  # missing, unreadable or another version: SQLite has every embedding
+                self.index = SearchIndex.load(root, self.dim, self.dtype, self.writable, self.kind)
+            except IndexDamaged as e:  # missing, unreadable or another version: SQLite has every embedding
+                why = str(e)
+                self._damaged(why)
         if self.index is None:
-            self._rebuild(progress)
+            self._rebuild(progress, why)
             return
         if self.index.manifest["generation"] != self._generation() and not self._catch_up(progress):
-            self._rebuild(progress)
+            self._rebuild(progress, "the index does not follow from the last one it saved")
             return
-        sample = self.query_sample()
+        if self.index.damage:
+            self._damaged(self.index.damage)
         if self.writable:
-            self._save_index(progress)
+            self._save_index(progress)  # rebuilds a damaged index
         else:
-            self.index.fit(sample, progress_bar(progress, self.index.store.rows, "checking the index"))
+            bar = progress_bar(progress, self.index.store.rows, "checking the index")
+            self.index.fit(self.query_sample(), bar, train=False)
+
+    def _damaged(self, why: str) -> None:
+        if self.writable:
+            log.warning("%s; rebuilding the index from SQLite", why)
+        else:
+            log.warning("%s; searching by exact scan until a writer rebuilds it (`reir gallery rebuild`)", why)
 
     def _catch_up(self, progress: bool) -> bool:
         ok = catch_up(self.index, self.db, progress)
@@ -380,12 +370,13 @@ class Gallery:
             self.index.manifest["generation"] = self._generation()
         return ok
 
-    def _rebuild(self, progress: bool) -> None:
-        self.index = rebuild(self.db, self.path, self.dim, self.dtype, self.writable, self._generation(), progress)
+    def _rebuild(self, progress: bool, why: str | None = None) -> None:
+        self.index = rebuild(
+            self.db, self.path, self.dim, self.dtype, self.kind, self._generation(), self.writable, progress
+        )
+        if not self.writable:  # a reader holds the vectors in memory and scans them exactly
+            self.index.damage = why or "no usable index files"
         self.tags = TagIndex.load(self.db)
-
-    def _acquire_writer(self) -> None:
-        self._lock_fd = writer_lock(self.path)
 
     def _require_writer(self) -> None:
         if not self.writable:

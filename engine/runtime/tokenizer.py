@@ -1,6 +1,6 @@
 """Tokenisation with the `tokenizers` package alone (no transformers on a serving host).
 
-Expressions are cleaned exactly as in training (`reir.engine.expressions.clean_expression`),
+Expressions are cleaned exactly as in training (`reir.engine.runtime.expressions.clean_expression`),
 then encoded with the bundle's `tokenizer.json`, truncated at the model's max length.
 """
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .expressions import clean_expression
+from reir.engine.runtime.expressions import clean_expression
 
 
 class Tokenizer:

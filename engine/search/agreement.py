@@ -9,7 +9,8 @@ equal scores comes first is not an error.
 
 The gallery runs `calibrate` whenever it (re)builds its index or has doubled since the
 last run: a held-out part of its query sample is searched exactly and through the index
-with growing candidate sets until the targets hold, every stage-1 size doubled (MARGIN).
+with growing candidate sets (the candidate design's schedule) until the targets hold,
+every stage-1 budget doubled (MARGIN).
 The targets sit above what the project promises (top-1 0.99, top-10 0.98), so a sample's
 noise does not eat the margin.
 """
@@ -17,21 +18,15 @@ noise does not eat the margin.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from reir.engine.search.candidates import Setting
+
 TIE = 1e-5  # relative
 TARGETS = {"top1": 0.995, "top10": 0.99, "recall10": 0.99}
-# (k_factor, rerank): stage 1 keeps k_factor x rerank rows, stage 2 keeps rerank for the exact
-# re-rank. Tried cheapest first: a stage-2 row costs about a tenth of a re-ranked one.
-SCHEDULE = tuple(
-    sorted(
-        ((kf, rr) for rr in (320, 640, 1280, 2560, 5120) for kf in (2, 4, 8, 16, 32, 64, 128)),
-        key=lambda c: (c[0] * c[1] + 10 * c[1], c[1]),
-    )
-)
 # The sample's expressions come from training data; a deployment's queries aim at its own
 # images, whose top scores crowd closer, and needed up to twice the stage-1 candidates for
 # the same agreement (measured at 250k instances, benchmarks/results): the margin.
@@ -91,48 +86,51 @@ def agreement(found: list, exact: list, images: np.ndarray, k: int = 10) -> Agre
 
 
 def calibrate(
-    search: Callable[[np.ndarray, int, int], tuple[np.ndarray, np.ndarray]],
+    search: Callable[[np.ndarray, Setting], tuple[np.ndarray, np.ndarray]],
     exact: list,
     queries: np.ndarray,
     images: np.ndarray,
+    schedule: Sequence[Setting],
     targets: dict[str, float] = TARGETS,
-    schedule: tuple[tuple[int, int], ...] = SCHEDULE,
 ) -> dict:
-    """The first (k_factor, rerank) of `schedule` whose search meets `targets` on `queries`.
-    `search(q, rerank, k_factor) -> (rows, exact scores)` best first; `exact`: the exact
-    top rows per query. The result records what was measured, met or not."""
+    """The first setting of `schedule` whose search meets `targets` on `queries`, with its
+    stage-1 budget then multiplied by MARGIN. `search(q, setting) -> (rows, exact scores)`
+    best first; `exact`: the exact top rows per query. The result records what was
+    measured, met or not: {"setting", agreement figures, "met", "p50_ms", "tried", ...}."""
     t0 = time.perf_counter()
     tried = []
     budget = np.array([(1 - targets[m]) * len(queries) for m in ("top1", "top10", "recall10")])
-    for k_factor, rerank in schedule:
+    chosen, figures = None, None
+    for setting in schedule:
+        trial = setting.grown(MARGIN)
         missed = np.zeros(3)
         for i, q in enumerate(queries):
-            missed += 1 - np.array(query_agreement(search(q, rerank, k_factor * MARGIN), exact[i], images))
+            missed += 1 - np.array(query_agreement(search(q, trial), exact[i], images))
             if (missed > budget).any():  # cannot meet the targets any more: the next setting
                 break
-        a = Agreement(*(1 - missed / len(queries)), len(queries)) if i == len(queries) - 1 else None
-        if a is None:
-            tried.append({"k_factor": k_factor, "rerank": rerank, "stopped_after": i + 1})
+        if i < len(queries) - 1:
+            tried.append({**setting.as_dict(), "stopped_after": i + 1})
             continue
-        tried.append({"k_factor": k_factor, "rerank": rerank, **a.as_dict()})
+        a = Agreement(*(1 - missed / len(queries)), len(queries))
+        tried.append({**setting.as_dict(), **a.as_dict()})
+        chosen, figures = trial, a
         if a.meets(targets):
             break
-    if "top1" not in tried[-1]:  # nothing met them: the last setting's full figures, for the record
-        k_factor, rerank = schedule[-1]
-        a = agreement([search(q, rerank, k_factor * MARGIN) for q in queries], exact, images)
-        tried[-1] = {"k_factor": k_factor, "rerank": rerank, **a.as_dict()}
-    best = dict(tried[-1])
-    best["k_factor"] *= MARGIN
+    if figures is None or not figures.meets(targets):  # nothing met them: the last setting's figures, for the record
+        chosen = schedule[-1].grown(MARGIN)
+        figures = agreement([search(q, chosen) for q in queries], exact, images)
+        tried[-1] = {**schedule[-1].as_dict(), **figures.as_dict()}
     lat = []
     for q in queries[:64]:
         t = time.perf_counter()
-        search(q, best["rerank"], best["k_factor"])
+        search(q, chosen)
         lat.append(time.perf_counter() - t)
-    best["p50_ms"] = round(1000 * float(np.median(lat)), 3)
     return {
-        **best,
+        "setting": chosen.as_dict(),
+        **figures.as_dict(),
+        "p50_ms": round(1000 * float(np.median(lat)), 3),
         "margin": MARGIN,
-        "met": Agreement(best["top1"], best["top10"], best["recall10"], best["queries"]).meets(targets),
+        "met": figures.meets(targets),
         "targets": targets,
         "tried": tried,
         "seconds": round(time.perf_counter() - t0, 2),
