@@ -8,57 +8,32 @@ import sqlite3
 
 import numpy as np
 import pytest
+from random_gallery import exact_keys, images, sample
 
-from reir.engine.runtime.detections import Detections
 from reir.engine.gallery.database import GalleryError
 from reir.engine.gallery.gallery import Gallery
-from reir.engine.gallery.records import NewImage
 
 DIM = 48
-
-
-def _images(rng, n: int, start: int = 0, per: int = 12, tags=None, dim: int = DIM) -> list[NewImage]:
-    out = []
-    for i in range(start, start + n):
-        emb = rng.standard_normal((per, dim)).astype(np.float32) * rng.uniform(0.5, 3.0)
-        dets = Detections(rng.random((per, 4)) * 100, rng.random(per), emb)
-        out.append(NewImage(f"img{i}.png", f"{i:064x}", 100, 100, 10, dets, tags))
-    return out
-
-
-def _sample(rng, n: int = 1024, dim: int = DIM) -> np.ndarray:
-    """Queries that live in a 12-d subspace, as a text head's do."""
-    basis = np.linalg.qr(rng.standard_normal((dim, 12)))[0].T
-    return (rng.standard_normal((n, 12)) @ basis).astype(np.float32)
 
 
 def _index(g: Gallery):
     return g.info().per_shard[0].index
 
 
-def _exact_keys(g: Gallery, q: np.ndarray, k: int) -> list[int]:
-    rows = g.shards[0].db.execute("SELECT key, embedding FROM instances").fetchall()
-    keys = np.array([r[0] for r in rows])
-    emb = np.stack([np.frombuffer(r[1], np.float32) for r in rows]).astype(np.float16).astype(np.float32)
-    s = emb @ q
-    return keys[np.lexsort((keys, -s))][:k].tolist()
-
-
 def test_large_gallery_uses_its_index_and_agrees(tmp_path):
     """Big enough (60,000 rows of 256-d) that the index beats a scan, so the index answers."""
     rng = np.random.default_rng(0)
-    sample = _sample(rng, dim=256)
-    g = Gallery.create(tmp_path / "g", 256, queries=sample)
+    g = Gallery.create(tmp_path / "g", 256, queries=sample(rng, dim=256))
     for start in range(0, 2500, 500):
-        g.add(_images(rng, 500, start, per=24, dim=256), save_index=False)
+        g.add(images(rng, 500, start, per=24, dim=256), save_index=False)
     g.save()
     info = _index(g)
     assert info.kind == "projected-pq" and info.agreement["met"], info
     assert info.query_space["dims"] >= 12 and info.query_space["energy"] >= 0.99
     lat = info.latency_at_calibration_ms
     assert lat["index_p50"] < lat["exact_p50"]  # why the index serves: measured, not assumed
-    for q in _sample(np.random.default_rng(1), 30, dim=256):  # held out: another draw from the same space
-        assert [h.instance_key for h in g.search(q, k=5, per_image=False)[0]] == _exact_keys(g, q, 5)
+    for q in sample(np.random.default_rng(1), 30, dim=256):  # held out: another draw from the same space
+        assert [h.instance_key for h in g.search(q, k=5, per_image=False)[0]] == exact_keys(g, q, 5)
     g.close()
 
 
@@ -66,36 +41,36 @@ def test_small_gallery_is_served_by_the_faster_exact_scan(tmp_path):
     """3,600 rows of 48-d: the scan takes microseconds, the index's fixed cost far more, so the
     calibration must find the scan faster and the gallery must serve it."""
     rng = np.random.default_rng(6)
-    g = Gallery.create(tmp_path / "g", DIM, queries=_sample(rng))
-    g.add(_images(rng, 300))
+    g = Gallery.create(tmp_path / "g", DIM, queries=sample(rng))
+    g.add(images(rng, 300))
     info = _index(g)
     lat = info.latency_at_calibration_ms
     assert info.agreement["met"] and lat["exact_p50"] < lat["index_p50"], info
     assert info.kind == "exact scan" and not g.shards[0].index.uses_candidates
-    for q in _sample(np.random.default_rng(1), 10):
-        assert [h.instance_key for h in g.search(q, k=5, per_image=False)[0]] == _exact_keys(g, q, 5)
+    for q in sample(np.random.default_rng(1), 10):
+        assert [h.instance_key for h in g.search(q, k=5, per_image=False)[0]] == exact_keys(g, q, 5)
     g.close()
 
 
 def test_a_query_unlike_the_sample_is_searched_exactly(tmp_path):
     rng = np.random.default_rng(2)
-    g = Gallery.create(tmp_path / "g", DIM, queries=_sample(rng))
-    g.add(_images(rng, 300))
+    g = Gallery.create(tmp_path / "g", DIM, queries=sample(rng))
+    g.add(images(rng, 300))
     q = rng.standard_normal(DIM).astype(np.float32)  # most of its norm outside the sample's space
     index = g.shards[0].index
     assert index.candidates_index.space.residual(q)[0] > index.manifest["candidates"]["residual_limit"]
-    assert [h.instance_key for h in g.search(q, k=5, per_image=False)[0]] == _exact_keys(g, q, 5)
+    assert [h.instance_key for h in g.search(q, k=5, per_image=False)[0]] == exact_keys(g, q, 5)
     g.close()
 
 
 def test_removal_compaction_and_numbers_never_reused(tmp_path):
     rng = np.random.default_rng(3)
-    g = Gallery.create(tmp_path / "g", DIM, queries=_sample(rng))
-    ids = g.add(_images(rng, 200))
+    g = Gallery.create(tmp_path / "g", DIM, queries=sample(rng))
+    ids = g.add(images(rng, 200))
     db = g.shards[0].db
     last_key = db.execute("SELECT MAX(key) FROM instances").fetchone()[0]
     assert g.remove_images([ids[-1]]) == 1
-    new = g.add(_images(rng, 1, start=500))
+    new = g.add(images(rng, 1, start=500))
     assert (
         new[0] > ids[-1]
         and db.execute("SELECT MIN(key) FROM instances WHERE image_id = ?", new).fetchone()[0] > last_key
@@ -104,7 +79,7 @@ def test_removal_compaction_and_numbers_never_reused(tmp_path):
     g.remove_images(ids[:120])  # past a quarter of the rows: the index is rebuilt without them
     store = g.shards[0].index.store
     assert store.rows < rows_before and store.rows == store.live
-    q = _sample(np.random.default_rng(4), 1)[0]
+    q = sample(np.random.default_rng(4), 1)[0]
     hits = g.search(q, k=20)[0]
     assert not {h.image_id for h in hits} & set(ids[:120]) and g.check() == []
     g.close()
@@ -133,7 +108,7 @@ def test_schema_1_gallery_is_upgraded_by_a_writer_and_refused_to_a_reader(tmp_pa
     meta = {"schema": "1", "dim": str(DIM), "dtype": "bf16", "model": "m", "bundle": "", "generation": "7"}
     meta["hnsw"] = json.dumps({"connectivity": 16, "expansion_add": 128, "expansion_search": 64})
     db.executemany("INSERT INTO meta VALUES (?, ?)", meta.items())
-    for i, im in enumerate(_images(rng, 40), start=1):
+    for i, im in enumerate(images(rng, 40), start=1):
         db.execute("INSERT INTO images VALUES (?,?,?,?,?,?,?,?)", (i, im.path, im.sha256, 100, 100, 10, "{}", 0.0))
         for box, score, vec in zip(im.detections.boxes, im.detections.scores, im.detections.embeddings, strict=True):
             db.execute(
@@ -150,8 +125,8 @@ def test_schema_1_gallery_is_upgraded_by_a_writer_and_refused_to_a_reader(tmp_pa
         assert g.info().images == 40 and g.info().instances == 480 and g.dtype == "f16"
         assert not (path / "index.usearch").exists() and g.check() == []
         q = rng.standard_normal(DIM).astype(np.float32)
-        assert [h.instance_key for h in g.search(q, k=5, per_image=False)[0]] == _exact_keys(g, q, 5)
-        added = g.add(_images(rng, 1, start=99))
+        assert [h.instance_key for h in g.search(q, k=5, per_image=False)[0]] == exact_keys(g, q, 5)
+        added = g.add(images(rng, 1, start=99))
         assert added == [41]
     with Gallery.open(path) as g:  # upgraded: readable by anyone now
         assert g.info().images == 41

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from reir.engine.fsutil import atomic_file, write_json_atomic
+from reir.engine.fsutil import atomic_file, crc32_file, write_json_atomic
 from reir.engine.search.agreement import CHECK_QUERIES, agreement, calibrate, per_image
 from reir.engine.search.candidates import DEFAULT, CandidateIndex, Setting, design
 from reir.engine.search.query_space import QuerySpace
@@ -81,7 +81,7 @@ class SearchIndex:
                 raise IndexDamaged(f"{root / 'manifest.json'}: not an index manifest of version {VERSION}")
             if m["dim"] != dim or m["dtype"] != dtype:
                 raise IndexDamaged(f"{root}: index of dim {m['dim']} {m['dtype']}, the gallery is {dim} {dtype}")
-            store = VectorStore.load(root, dim, dtype, m["rows"], m["dead"], writable)
+            store = VectorStore.load(root, dim, dtype, m["rows"], m["dead"], writable, m["crc"])
         except IndexDamaged:
             raise
         except Exception as e:  # whatever the damage: SQLite holds every embedding
@@ -97,6 +97,8 @@ class SearchIndex:
         if not cand:
             return
         try:
+            if crc32_file(root / "space.npz") != cand["space_crc"]:
+                raise IndexDamaged(f"{root / 'space.npz'}: its bytes do not match the manifest's checksum (damaged)")
             with np.load(root / "space.npz") as z:
                 space = QuerySpace(z["basis"].astype(np.float32), float(z["energy"]))
                 if str(z["train_id"]) != cand["train_id"]:
@@ -166,6 +168,7 @@ class SearchIndex:
         if self.root is not None:  # the old files are void from here: a kill now leaves a mismatch, so a rebuild
             with atomic_file(self.root / "space.npz") as tmp, open(tmp, "wb") as f:
                 np.savez(f, basis=space.basis, energy=space.energy, train_id=self.manifest["candidates"]["train_id"])
+            self.manifest["candidates"]["space_crc"] = crc32_file(self.root / "space.npz")
 
     def calibrate(self, queries: np.ndarray, progress=None) -> dict:
         """Measure the index against the exact scan on held-out queries; size its candidates."""
@@ -214,7 +217,7 @@ class SearchIndex:
         if self.candidates_index is not None and cand is not None:
             cand["state"] = self.candidates_index.save(self.root, cand["state"])
         dead = np.flatnonzero(~self.store.alive.array)
-        self.manifest.update(generation=generation, rows=self.store.rows, dead=dead.tolist())
+        self.manifest.update(generation=generation, rows=self.store.rows, dead=dead.tolist(), crc=dict(self.store.crc))
         write_json_atomic(self.root / "manifest.json", self.manifest)
 
     # -- searching ------------------------------------------------------------------------
@@ -332,6 +335,7 @@ def _manifest(dim: int, dtype: str) -> dict:
         "generation": -1,
         "rows": 0,
         "dead": [],
+        "crc": {},
         "candidates": None,
         "calibration": None,
     }

@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 
-from reir.engine.fsutil import atomic_file
+from reir.engine.fsutil import atomic_file, crc32_file
 from reir.engine.search.query_space import QuerySpace
 from reir.engine.search.vectors import Growable
 
@@ -98,6 +99,8 @@ class ProjectedIndex:
         self.codes = Growable(codes)
         self._pq_on_disk = 0  # rows pq.faiss holds on disk
         self._codes_on_disk = 0  # rows codes.i8 holds on disk
+        self._codes_crc = 0  # CRC-32 of codes.i8's rows on disk
+        self._pq_crc = 0
 
     @classmethod
     def train(cls, space: QuerySpace, sample: np.ndarray) -> ProjectedIndex:
@@ -164,20 +167,27 @@ class ProjectedIndex:
         faiss = faiss_module()
         if not state:  # new training: the old stage-2 codes are void
             (root / "codes.i8").write_bytes(b"")
-            self._codes_on_disk = 0
+            self._codes_on_disk = self._codes_crc = 0
+        new = np.ascontiguousarray(self.codes.array[self._codes_on_disk :]).tobytes()
         with open(root / "codes.i8", "r+b") as f:
             f.truncate(self._codes_on_disk * self.space.dims)
             f.seek(0, os.SEEK_END)
-            f.write(np.ascontiguousarray(self.codes.array[self._codes_on_disk :]).tobytes())
+            f.write(new)
             f.flush()
             os.fsync(f.fileno())
-        self._codes_on_disk = self.codes.n
+        self._codes_on_disk, self._codes_crc = self.codes.n, zlib.crc32(new, self._codes_crc)
         total = self.pq.ntotal
         if not state or total - self._pq_on_disk > PQ_LAG * max(total, 1):
             with atomic_file(root / "pq.faiss") as tmp:
                 faiss.write_index(self.pq, str(tmp))
+                self._pq_crc = crc32_file(tmp)
             self._pq_on_disk = total
-        return {"pq_rows": self._pq_on_disk, "scale": [float(v) for v in self.scale]}
+        return {
+            "pq_rows": self._pq_on_disk,
+            "pq_crc": self._pq_crc,
+            "codes_crc": self._codes_crc,
+            "scale": [float(v) for v in self.scale],
+        }
 
     @classmethod
     def load(cls, root: Path, state: dict[str, Any], rows: int, vectors, writable: bool, space: QuerySpace):
@@ -188,6 +198,10 @@ class ProjectedIndex:
         codes_file = root / "codes.i8"
         if codes_file.stat().st_size < rows * space.dims:
             raise ValueError(f"{codes_file}: shorter than the {rows} rows the manifest commits")
+        if crc32_file(codes_file, rows * space.dims) != state["codes_crc"]:
+            raise ValueError(f"{codes_file}: its bytes do not match the manifest's checksum (damaged)")
+        if crc32_file(root / "pq.faiss") != state["pq_crc"]:
+            raise ValueError(f"{root / 'pq.faiss'}: its bytes do not match the manifest's checksum (damaged)")
         if writable:
             os.truncate(codes_file, rows * space.dims)
         try:
@@ -206,6 +220,7 @@ class ProjectedIndex:
             part = np.arange(s, min(s + 65536, rows))
             pq.add(np.ascontiguousarray(space.project(vectors(part))))
         index._pq_on_disk, index._codes_on_disk = on_disk, rows
+        index._codes_crc, index._pq_crc = state["codes_crc"], state["pq_crc"]
         return index
 
     def memory_bytes(self) -> int:

@@ -12,9 +12,12 @@ images are found by binary search.
 from __future__ import annotations
 
 import os
+import zlib
 from pathlib import Path
 
 import numpy as np
+
+from reir.engine.fsutil import crc32_file
 
 DTYPES = {"f16": np.float16, "f32": np.float32}
 CHUNK = 65536
@@ -50,6 +53,7 @@ class VectorStore:
         self._file: Path | None = None
         self._max_per_image: int | None = None
         self._live: int | None = None
+        self.crc: dict[str, int] = {}  # CRC-32 of each file's committed bytes (a writer's files)
 
     # -- files ----------------------------------------------------------------------------
     @classmethod
@@ -64,18 +68,23 @@ class VectorStore:
         store = cls.memory(dim, dtype)
         for name in (f"vectors.{dtype}", "keys.i64", "images.i64"):
             (root / name).write_bytes(b"")
+            store.crc[name] = 0
         store._file = root / f"vectors.{dtype}"
         return store
 
     @classmethod
-    def load(cls, root: Path, dim: int, dtype: str, rows: int, dead: list[int], writable: bool) -> VectorStore:
-        """The `rows` the manifest committed. Bytes past them are a write a kill cut short:
-        a writer truncates them, a reader ignores them."""
+    def load(
+        cls, root: Path, dim: int, dtype: str, rows: int, dead: list[int], writable: bool, crc: dict[str, int]
+    ) -> VectorStore:
+        """The `rows` the manifest committed, checked against its CRC-32 of each file. Bytes
+        past them are a write a kill cut short: a writer truncates them, a reader ignores them."""
         width = dim * np.dtype(DTYPES[dtype]).itemsize
         files = ((root / f"vectors.{dtype}", width), (root / "keys.i64", 8), (root / "images.i64", 8))
         for f, size in files:
             if f.stat().st_size < rows * size:
                 raise ValueError(f"{f}: shorter than the {rows} rows the manifest commits")
+            if crc32_file(f, rows * size) != crc[f.name]:
+                raise ValueError(f"{f}: its bytes do not match the manifest's checksum (damaged)")
             if writable:
                 os.truncate(f, rows * size)
         keys = np.fromfile(root / "keys.i64", np.int64, rows)
@@ -87,7 +96,9 @@ class VectorStore:
         store = cls(dim, dtype, np.empty((0, dim), DTYPES[dtype]), keys, images, alive)
         store._file = files[0][0]
         store._remap()
-        if not writable:
+        if writable:
+            store.crc = {f.name: crc[f.name] for f, _ in files}
+        else:
             store._file = None
         return store
 
@@ -133,12 +144,16 @@ class VectorStore:
             raise ValueError("image ids must not decrease along the rows")
         block = np.asarray(vectors, DTYPES[self.dtype])
         if self._file is not None:
-            with open(self._file, "ab") as f:
-                f.write(np.ascontiguousarray(block).tobytes())
-            with open(self._file.parent / "keys.i64", "ab") as f:
-                f.write(np.asarray(keys, np.int64).tobytes())
-            with open(self._file.parent / "images.i64", "ab") as f:
-                f.write(np.asarray(images, np.int64).tobytes())
+            parts = (
+                (self._file.name, np.ascontiguousarray(block)),
+                ("keys.i64", np.asarray(keys, np.int64)),
+                ("images.i64", np.asarray(images, np.int64)),
+            )
+            for name, arr in parts:
+                data = arr.tobytes()
+                with open(self._file.parent / name, "ab") as f:
+                    f.write(data)
+                self.crc[name] = zlib.crc32(data, self.crc[name])
         else:
             self.tail.append(block)
         if self._max_per_image is not None:
