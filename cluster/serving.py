@@ -27,7 +27,6 @@ import asyncio
 import logging
 import time
 from pathlib import Path
-from typing import Annotated
 
 import numpy as np
 from fastapi import Depends, FastAPI, Request
@@ -43,7 +42,6 @@ from reir.engine.runtime.bundle import Bundle
 from reir.engine.runtime.engine import Engine
 from reir.engine.serving.contract import (
     MAX_BODY_BYTES,
-    TOO_LARGE,
     QueryResult,
     RequestError,
     SearchRequest,
@@ -56,6 +54,25 @@ log = logging.getLogger("reir.serve")
 RETRYABLE = (RayActorError, ReplicaUnavailableError, DeploymentUnavailableError, BackPressureError)
 
 api = FastAPI(title="clare-reir search", description="The search contract over HTTP (docs/cluster.md).")
+BODY = {"requestBody": {"content": {"application/json": {}}, "required": True}}
+
+
+class RouteRoot:
+    """POST /reir answers as POST /reir/ does, at once: FastAPI would redirect it (307), a
+    round trip every client pays, and some clients do not follow a redirect of a POST."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            root = scope.get("root_path", "")
+            if scope["path"] in ("", root):
+                scope = dict(scope, path=root + "/", raw_path=(root + "/").encode())
+        await self.app(scope, receive, send)
+
+
+api.add_middleware(RouteRoot)
 
 
 @api.exception_handler(RequestError)
@@ -67,12 +84,12 @@ async def contract_body(request: Request) -> SearchRequest:
     """The body, read up to the contract's size limit, parsed by the contract."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-        raise RequestError("body", f"{int(declared):,} bytes; at most {MAX_BODY_BYTES:,}", TOO_LARGE)
+        raise RequestError("body", f"{int(declared):,} bytes; at most {MAX_BODY_BYTES:,}", http_status=413)
     body = bytearray()
     async for chunk in request.stream():
         body += chunk
         if len(body) > MAX_BODY_BYTES:
-            raise RequestError("body", f"more than {MAX_BODY_BYTES:,} bytes", TOO_LARGE)
+            raise RequestError("body", f"more than {MAX_BODY_BYTES:,} bytes", http_status=413)
     return SearchRequest.from_json(bytes(body))
 
 
@@ -97,13 +114,15 @@ class Front:
         root: str,
         galleries: dict,
         refused: dict,
+        default: str | None = None,
         deadline_s: float = 5.0,
         retries: int = 2,
         threads: int = 1,
         encoder: str | None = None,
     ):
         """galleries: name under `root` -> shard handles in shard order; refused: name -> why
-        it may not be searched with this bundle. encoder: a Triton URL (grpc://HOST:8001)
+        it may not be searched with this bundle; default: the gallery of a request that names
+        none (the only one, when one is served). encoder: a Triton URL (grpc://HOST:8001)
         whose `encode_query` encodes the text, instead of ONNX Runtime here."""
         keep_replica_listener_on_node()
         if encoder:
@@ -113,13 +132,13 @@ class Front:
         else:
             self.encode = Engine(Bundle.open(bundle), threads=threads).encode
         names = [*galleries, *refused]
-        self.root = GalleryRoot(root, names[0] if len(names) == 1 else None)
+        self.root = GalleryRoot(root, default or (names[0] if len(names) == 1 else None))
         self.galleries = {self.root.path(n): h for n, h in galleries.items()}
         self.refused = {self.root.path(n): RequestError("gallery", why) for n, why in refused.items()}
         self.deadline_s, self.retries = deadline_s, retries
 
-    @api.post("/", openapi_extra={"requestBody": {"content": {"application/json": {}}, "required": True}})
-    async def search(self, request: Annotated[SearchRequest, Depends(contract_body)]) -> JSONResponse:
+    @api.post("/", openapi_extra=BODY)
+    async def search(self, request: SearchRequest = Depends(contract_body)) -> JSONResponse:  # noqa: B008
         return JSONResponse((await self.answer(request)).to_json())
 
     @api.get("/healthz")
@@ -166,12 +185,16 @@ def build_app(
     replicas: int = 1,
     deadline_s: float = 5.0,
     encoder: str | None = None,
+    default: str | None = None,
 ):
     """The Serve application: a Front and, per gallery, one ShardSearch deployment per
     shard. `galleries` are directory names under `root`; one indexed with another model
-    than `bundle` is not deployed, and requests for it get the contract's refusal."""
+    than `bundle` is not deployed, and requests for it get the contract's refusal.
+    `default`: the gallery of requests that name none."""
     b = Bundle.open(bundle)
     names = GalleryRoot(root)
+    if default is not None and default not in galleries:
+        raise ValueError(f"the default gallery {default!r} is not among the served ones {galleries}")
     handles, refused = {}, {}
     for name in galleries:
         path = names.path(name)  # RequestError for a name outside the root: a ValueError to the caller
@@ -185,7 +208,7 @@ def build_app(
             ShardSearch.options(name=f"{name}-shard-{s}", num_replicas=replicas).bind(str(path), s)
             for s in range(meta.shards)
         ]
-    return Front.bind(str(b.path), str(names.root), handles, refused, deadline_s, encoder=encoder)
+    return Front.bind(str(b.path), str(names.root), handles, refused, default, deadline_s, encoder=encoder)
 
 
 def start(

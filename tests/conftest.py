@@ -30,6 +30,20 @@ TINY_CONFIG = ROOT / "configs" / "synth_tiny.yaml"
 SERVER_PYTHON = Path(os.environ.get("REIR_TRITON_PYTHON", ROOT / ".venv-triton" / "bin" / "python"))
 
 
+def same_response(a, b, where: str = "") -> None:
+    """Two SearchResponses with the same hits (ids, keys, paths, boxes exactly; scores to the
+    last bits, as two processes' float32 text encodings may differ there), flags and shards."""
+    import numpy as np
+
+    assert (a.partial, a.missing_shards) == (b.partial, b.missing_shards), where
+    assert [r.truncated for r in a.results] == [r.truncated for r in b.results], where
+    for x, y in zip(a.results, b.results, strict=True):
+        key = lambda r: [(h.image_id, h.instance_key, h.path, h.box) for h in r.hits]  # noqa: E731
+        assert key(x) == key(y), where
+        scores = [h.score for h in x.hits], [h.score for h in y.hits]
+        np.testing.assert_allclose(*scores, rtol=1e-5, atol=1e-6, err_msg=where)
+
+
 @pytest.fixture(scope="session")
 def synth_small(tmp_path_factory) -> Path:
     """A small synthetic benchmark shared by the tests that only read it."""
@@ -95,3 +109,27 @@ def tiny_bundle(tiny_run, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("bundle") / "tiny"
     export_bundle(tiny_run[2], out, probe_images=300, log=lambda *_: None)
     return out
+
+
+@pytest.fixture(scope="session")
+def triton(served_root, tmp_path_factory):
+    """A real tritonserver (nvidia-pytriton's, CPU, `pyort` configs) on 127.0.0.1 serving the
+    shipped bundle's repository over `served_root` (default gallery `main`)."""
+    if not SERVER_PYTHON.exists():
+        pytest.skip(f"Triton server environment not built ({SERVER_PYTHON}; run `make triton-env`)")
+    pytest.importorskip("tritonclient.grpc", reason="tritonclient not installed (triton extra)")
+    from reir.engine.runtime.bundle import default_bundle
+    from reir.engine.serving.triton_server import TritonServer
+    from reir.export.triton import write_repository
+
+    root, _ = served_root
+    repo = write_repository(default_bundle(), tmp_path_factory.mktemp("triton") / "repo", root, "main")
+    server = TritonServer(repo, SERVER_PYTHON, "pyort")
+    try:
+        server.start(timeout=180)
+    except Exception:
+        server.stop()
+        raise
+    yield server
+    server.stop()
+    assert server.proc.poll() is not None  # stopped by its pid

@@ -19,10 +19,10 @@ pytest.importorskip("ray", reason="ray not installed (cluster extra)")
 
 from reir.cluster.indexing import index_on_ray
 from reir.cluster.local import LocalCluster
-from reir.engine.runtime.bundle import default_bundle
-from reir.engine.gallery.shard import Gallery
-from reir.engine.serving.serve_client import AsyncServeRetriever, ServeError, ServeRetriever
 from reir.engine.gallery.gallery import ShardedGallery, global_hit
+from reir.engine.gallery.shard import Gallery
+from reir.engine.runtime.bundle import default_bundle
+from reir.engine.serving.serve_client import AsyncServeRetriever, ServeError, ServeRetriever
 
 
 def _loopback(addresses: set[str]) -> bool:

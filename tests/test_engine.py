@@ -3,7 +3,6 @@ index, a real SQLite file."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sqlite3

@@ -18,20 +18,21 @@ from reir.engine.search.agreement import TIE
 
 IMAGES = 1700  # about 42,000 instances with the shipped model
 QUERIES = 300
+pytestmark = pytest.mark.scale
 
 
 @pytest.fixture(scope="module")
 def big(tmp_path_factory):
     from reir.datasets.synth import SynthConfig, generate
+    from reir.engine.gallery.gallery import Gallery
     from reir.engine.runtime.bundle import default_bundle
     from reir.engine.runtime.engine import Engine
-    from reir.engine.gallery.shard import Gallery
 
     root = tmp_path_factory.mktemp("scale")
     cfg = SynthConfig(images=IMAGES, seed=4242, fractions=(0, 0, 1), exprs_per_image=1, answers="none")
     ds, _ = generate(root / "data", cfg, progress=False)
     engine = Engine.open(default_bundle(), threads=2)
-    g = Gallery.create(root / "g", engine.dim, model=engine.model_id, bundle=str(engine.bundle.path))
+    g = Gallery.for_bundle(root / "g", engine.bundle)
     paths = [ds.image_path(i) for i in sorted(ds.images)]
     tags = {i: {"bucket": str(n % 50)} for n, i in enumerate(sorted(ds.images))}
     for start in range(0, len(paths), 425):  # four batches, each with its own tags
@@ -61,10 +62,10 @@ def test_default_search_agrees_with_the_exact_scan(big):
 
     engine, g, texts, _ = big
     info = g.info()
-    assert info["instances"] >= 40_000, info["instances"]
-    assert info["index"]["kind"] == "projected", info["index"]  # not a scan: the index answers
+    assert info.instances >= 40_000, info.instances
+    assert info.per_shard[0].index.kind == "projected-pq", info  # not a scan: the index answers
     r = Retriever(engine, g)
-    found = [r.search(t, k=10) for t in texts]
+    found = [r.search(t, k=10).hits for t in texts]
     exact = [g.search(q, k=10, exact=True)[0] for q in engine.encode_text(texts)]
     top1, top10 = _agreement(found, exact)
     assert top1 >= 0.99 and top10 >= 0.98, (top1, top10)
@@ -72,7 +73,7 @@ def test_default_search_agrees_with_the_exact_scan(big):
     assert len(same) >= 0.99 * len(found)
     for a, b in same:  # the scores a user sees are the exact dot products, not the index's estimates
         assert abs(a.score - b.score) <= TIE * max(1.0, abs(b.score)) and a.box == b.box
-    inst = [r.search(t, k=10, per_image=False) for t in texts[:100]]
+    inst = [r.search(t, k=10, per_image=False).hits for t in texts[:100]]
     inst_exact = [g.search(q, k=10, per_image=False, exact=True)[0] for q in engine.encode_text(texts[:100])]
     recall = np.mean(
         [
@@ -103,15 +104,37 @@ def test_search_command_uses_the_same_index(big):
         timeout=300,
     )
     assert res.returncode == 0, res.stderr
-    cli = [h["image_id"] for h in json.loads(res.stdout)["hits"]]
+    cli = [h["image_id"] for h in json.loads(res.stdout)["results"][0]["hits"]]
     exact = [h.image_id for h in g.search(engine.encode_text(texts[:1]), k=5, exact=True)[0]]
     assert cli[0] == exact[0] and len(set(cli) & set(exact)) >= 4
 
 
+def test_search_command_answers_from_a_garbage_index_file(big, tmp_path):
+    """A garbage pq.faiss once ended `reir search` in a faiss traceback. The index is a cache:
+    the search answers exactly (what the exact scan gives), names the damage, exits 0."""
+    import shutil
+
+    engine, g, texts, root = big
+    g.save()
+    copy = tmp_path / "g"
+    shutil.copytree(root / "g", copy, ignore=shutil.ignore_patterns("writer.lock"))
+    (copy / "index" / "pq.faiss").write_bytes(np.random.default_rng(3).bytes(200_000))
+    res = subprocess.run(
+        [sys.executable, "-m", "reir.cli", "search", texts[1], "--gallery", str(copy), "-k", "5", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == 0 and "Traceback" not in res.stderr, res.stderr
+    assert "pq.faiss" in res.stderr and "exact scan" in res.stderr  # one warning line names it
+    cli = [(h["image_id"], h["instance_key"]) for h in json.loads(res.stdout)["results"][0]["hits"]]
+    exact = g.search(engine.encode_text(texts[1:2]), k=5, exact=True)[0]
+    assert cli == [(h.image_id, h.instance_key) for h in exact]
+
+
 def test_gallery_reports_its_measured_agreement(big):
     _, g, _, _ = big
-    idx = g.info()["index"]
-    a = idx["agreement"]
+    a = g.info().per_shard[0].index.agreement
     assert a["met"] and a["queries"] >= 256 and a["top1"] >= 0.99 and a["top10"] >= 0.98, a
-    measured = g.measure()  # measured again now, with the calibrated candidate sizes
-    assert measured["met"] and measured["top1"] >= 0.99, measured
+    (measured,) = g.measure()  # measured again now, with the calibrated candidate sizes
+    assert measured.met and measured.agreement.top1 >= 0.99, measured

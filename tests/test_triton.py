@@ -2,54 +2,48 @@
 
 The server is nvidia-pytriton's tritonserver 2.51 (python backend only), started on
 127.0.0.1 from the `.venv-triton` environment (`make triton-env`: numpy < 2 for its stub),
-with the `pyort` configs: the ONNX graphs run in onnxruntime inside python models.
+with the `pyort` configs: the ONNX graphs run in onnxruntime inside python models. That
+`retrieve` answers the search contract as every other path does is tests/test_conformance.py.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import ROOT, SERVER_PYTHON, same_response
 
 pytest.importorskip("tritonclient.grpc", reason="tritonclient not installed (triton extra)")
+pytestmark = pytest.mark.triton
 
-from reir.export.triton_validate import validate_repository
+from reir.engine.runtime.bundle import Bundle, default_bundle  # noqa: E402
+from reir.export.triton_validate import validate_repository  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-SERVER_PYTHON = Path(os.environ.get("REIR_TRITON_PYTHON", ROOT / ".venv-triton" / "bin" / "python"))
 needs_server = pytest.mark.skipif(
     not SERVER_PYTHON.exists(), reason=f"Triton server environment not built ({SERVER_PYTHON}; run `make triton-env`)"
 )
-EXPRESSIONS = ["the red circle", "the small blue square left of the green star", "the largest triangle"]
+
+
+def _reir(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "reir.cli", *args], capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
-def setup(tiny_bundle, tmp_path_factory):
-    """(repository, embedded retriever, gallery dir): the same bundle and gallery on both sides."""
-    from reir.datasets.synth import SynthConfig, generate
-    from reir.engine.runtime.engine import Engine
-    from reir.engine.gallery.shard import Gallery
-    from reir.engine.gallery.ingest import index_images
-    from reir.engine.serving.retriever import Retriever
+def repo(tmp_path_factory) -> Path:
     from reir.export.triton import write_repository
 
-    root = tmp_path_factory.mktemp("triton")
-    ds, _ = generate(root / "data", SynthConfig(images=50, seed=11), progress=False)
-    engine = Engine.open(tiny_bundle, threads=1)
-    gallery = Gallery.create(root / "galleries" / "main", engine.dim, model=engine.model_id)
-    index_images(gallery, engine, [ds.image_path(i) for i in sorted(ds.images)], progress=False)
-    gallery.close()
-    repo = write_repository(tiny_bundle, root / "repo", root / "galleries", "main")
-    retriever = Retriever(engine, Gallery.open(root / "galleries" / "main", progress=False))
-    return repo, retriever
+    root = tmp_path_factory.mktemp("repo")
+    return write_repository(default_bundle(), root / "repo", root / "galleries", "main")
 
 
-def test_repository_validates_offline_and_names_problems(setup, tmp_path):
-    repo, _ = setup
+def test_repository_validates_offline_and_names_problems(repo, tmp_path):
     assert validate_repository(repo) == []
     for model in ("text_encoder", "visual_encoder"):
         assert {p.stem for p in (repo / model / "configs").glob("*.pbtxt")} == {"cpu", "gpu-trt", "pyort", "jetson"}
@@ -66,192 +60,106 @@ def test_repository_validates_offline_and_names_problems(setup, tmp_path):
     assert "visual_encoder/config.pbtxt: version 1: model.onnx missing" in problems
 
 
-@pytest.fixture(scope="module")
-def server(setup):
-    from reir.engine.serving.triton_server import TritonServer
-
-    repo, _ = setup
-    srv = TritonServer(repo, SERVER_PYTHON, "pyort")
-    try:
-        srv.start(timeout=180)
-    except Exception:
-        srv.stop()
-        raise
-    yield srv
-    srv.stop()
-    assert srv.proc.poll() is not None  # stopped by its pid
+def test_retrieve_knows_the_model_it_serves(repo):
+    """`retrieve` refuses galleries of another model: the repository carries the bundle's id."""
+    text = (repo / "retrieve" / "config.pbtxt").read_text()
+    b = Bundle.open(default_bundle())
+    assert f'string_value: "{b.model_id}"' in text and f'string_value: "{b.dim}"' in text
 
 
-def _same(remote, local):
-    assert [h.instance_key for h in remote] == [h.instance_key for h in local]
-    assert [h.image_id for h in remote] == [h.image_id for h in local]
-    np.testing.assert_allclose([h.score for h in remote], [h.score for h in local], rtol=0, atol=1e-4)
-    np.testing.assert_allclose([h.box for h in remote], [h.box for h in local], rtol=0, atol=1e-3)
-
-
-@needs_server
-@pytest.mark.parametrize("protocol", ["grpc", "http"])
-def test_server_results_equal_the_embedded_engine(setup, server, protocol):
-    from reir.engine.serving.triton_client import TritonRetriever
-
-    _, local = setup
-    url = server.grpc_url if protocol == "grpc" else server.http_url
-    with TritonRetriever(url, protocol) as remote:
-        assert remote.is_server_ready() and remote.is_model_ready() and remote.is_model_ready("encode_query")
-        for text in EXPRESSIONS:
-            _same(remote.search(text, k=10), local.search(text, k=10))
-        many = remote.search(EXPRESSIONS, k=5)  # one request, three expressions
-        for text, hits in zip(EXPRESSIONS, many, strict=True):
-            _same(hits, local.search(text, k=5))
-
-
-@needs_server
-def test_encode_query_equals_the_embedded_text_encoder(setup, server):
+def test_encode_query_equals_the_embedded_text_encoder(triton, engine):
     """What a Ray Serve front end calls with --encoder: the same vectors as ONNX Runtime here."""
     from reir.engine.serving.triton_client import TritonRetriever
 
-    with TritonRetriever(server.grpc_url) as remote:
-        q, cut = remote.encode([*EXPRESSIONS, "red " * 200])
-    local, local_cut = setup[1].engine.encode([*EXPRESSIONS, "red " * 200])
+    texts = ["the red circle", "the small blue square left of the green star", "red " * 200]
+    with TritonRetriever(f"grpc://{triton.grpc_url}") as remote:
+        q, cut = remote.encode(texts)
+    local, local_cut = engine.encode(texts)
     np.testing.assert_allclose(q, local, rtol=0, atol=1e-4 * float(np.abs(local).max()))
-    assert cut == local_cut == [False] * len(EXPRESSIONS) + [True]
+    assert cut == local_cut == [False, False, True]
 
 
-@needs_server
-def test_async_client(setup, server):
+def test_async_client_keeps_many_searches_in_flight(triton, served_root, engine):
+    from reir.engine.gallery.gallery import Gallery
+    from reir.engine.serving.retriever import Retriever
     from reir.engine.serving.triton_client import AsyncTritonRetriever
 
-    _, local = setup
+    root, texts = served_root
 
     async def run():
-        r = AsyncTritonRetriever(server.grpc_url)
+        r = AsyncTritonRetriever(f"grpc://{triton.grpc_url}")
         try:
-            return await asyncio.gather(*(r.search(t, k=5) for t in EXPRESSIONS))
+            return await asyncio.gather(*(r.search(t, k=5) for t in texts[:6]))
         finally:
             await r.close()
 
-    for text, hits in zip(EXPRESSIONS, asyncio.run(run()), strict=True):
-        _same(hits, local.search(text, k=5))
+    with Gallery.open(root / "main", progress=False) as g:
+        local = Retriever(engine, g)
+        for text, response in zip(texts[:6], asyncio.run(run()), strict=True):
+            same_response(response, local.search(text, k=5), text)
 
 
-@needs_server
-def test_bad_requests_get_errors_and_the_server_stays_up(setup, server):
+def test_wrong_tensors_get_errors_and_the_server_stays_up(triton):
     import tritonclient.grpc as g
-    import tritonclient.http as h
 
-    from reir.engine.serving.triton_client import TritonError, TritonRetriever
+    from reir.engine.serving.contract import ServiceError, Unavailable
+    from reir.engine.serving.triton_client import TritonRetriever
 
-    client = g.InferenceServerClient(server.grpc_url)
-    http = h.InferenceServerClient(server.http_url)
+    client = g.InferenceServerClient(triton.grpc_url)
 
-    def infer(model, inputs):
+    def refused(model, inputs) -> str:
         with pytest.raises(Exception) as err:
             client.infer(model, inputs)
         return str(err.value)
 
-    def client_error(inputs, why):
-        """The client's mistakes come back as INVALID_ARGUMENT / HTTP 400 with the message, not 500."""
-        with pytest.raises(Exception) as err:
-            client.infer("retrieve", inputs)
-        assert err.value.status() == "StatusCode.INVALID_ARGUMENT" and why in str(err.value), err.value
-        hin = []
-        for t in inputs:
-            arr = np.array([[v] for v in t._raw_values], dtype=object)
-            x = h.InferInput(t.name(), list(arr.shape), "BYTES")
-            x.set_data_from_numpy(arr)
-            hin.append(x)
-        with pytest.raises(Exception) as err:
-            http.infer("retrieve", hin)
-        assert str(err.value.status()) == "400" and why in (err.value.message() or ""), err.value
-
-    def text_input(name, values):
-        arr = np.array([[v] for v in values], dtype=object)
-        t = g.InferInput(name, list(arr.shape), "BYTES")
-        t.set_data_from_numpy(arr)
-        t._raw_values = values  # for the same request over HTTP
-        return t
-
-    def k_input(k):
-        t = g.InferInput("K", [1, 1], "INT32")
-        t.set_data_from_numpy(np.array([[k]], np.int32))
-        return t
-
-    client_error([text_input("TEXT", [b"   "])], "empty expression")
-    client_error([text_input("TEXT", [b"a red circle"]), text_input("GALLERY", [b"nope"])], "no gallery named")
-    client_error([text_input("TEXT", [b"a red circle"]), text_input("GALLERY", [b"../../etc"])], "outside")
-    with pytest.raises(Exception) as err:
-        client.infer("retrieve", [text_input("TEXT", [b"a red circle"]), k_input(0)])
-    assert err.value.status() == "StatusCode.INVALID_ARGUMENT" and "K must be in [1, 100], got 0" in str(err.value)
-
-    assert "empty expression" in infer("retrieve", [text_input("TEXT", [b"   "])])
     ids = g.InferInput("input_ids", [1, 4], "INT32")  # wrong dtype
     ids.set_data_from_numpy(np.ones((1, 4), np.int32))
     mask = g.InferInput("attention_mask", [1, 4], "INT64")
     mask.set_data_from_numpy(np.ones((1, 4), np.int64))
-    assert "INT32" in infer("text_encoder", [ids, mask]) or "data-type" in infer("text_encoder", [ids, mask])
+    assert "INT32" in refused("text_encoder", [ids, mask]) or "data-type" in refused("text_encoder", [ids, mask])
     img = g.InferInput("images", [1, 17, 17, 3], "UINT8")  # wrong shape
     img.set_data_from_numpy(np.zeros((1, 17, 17, 3), np.uint8))
-    assert "shape" in infer("visual_encoder", [img])
-    big = text_input("TEXT", [b"a red circle"] * 100)  # over max_batch_size
-    assert "batch" in infer("retrieve", [big])
-    assert "no gallery named" in infer(
-        "retrieve", [text_input("TEXT", [b"a red circle"]), text_input("GALLERY", [b"nope"])]
-    )
-    assert "outside" in infer(
-        "retrieve", [text_input("TEXT", [b"a red circle"]), text_input("GALLERY", [b"../../etc"])]
-    )
-    with TritonRetriever(server.grpc_url) as r:
-        long = "the small red circle left of the blue star " * 20
-        hits = r.search(long, k=3)
-        assert len(hits) == 3 and r.last_truncated == [True]
-        assert r.search("the red circle", k=3) and r.is_model_ready()  # instances survived every bad request
-        with pytest.raises(ValueError, match="empty"):
-            r.search("")
-    with pytest.raises(TritonError, match="retrieve"):
-        TritonRetriever("127.0.0.1:1", timeout_s=1, retries=1).search("a red circle")
+    assert "shape" in refused("visual_encoder", [img])
+    many = g.InferInput("REQUEST", [100, 1], "BYTES")  # over max_batch_size
+    many.set_data_from_numpy(np.array([[b'{"text": "a"}']] * 100, dtype=object))
+    assert "batch" in refused("retrieve", [many])
+    with TritonRetriever(f"grpc://{triton.grpc_url}") as r:
+        assert r.search("the red circle", k=3).hits and r.is_model_ready()  # instances survived
+    with pytest.raises(Unavailable, match="retrieve"):  # nothing listens: after its retries, one clear error
+        TritonRetriever("grpc://127.0.0.1:1", timeout_s=1, retries=1).search("a red circle")
+    assert issubclass(Unavailable, ServiceError)
 
 
-@needs_server
-def test_cli_search_through_the_server(server):
-    import subprocess
-    import sys
+def test_search_command_through_the_server_honours_every_field(triton, served_root, engine):
+    """`reir search --server` once dropped --tags and --all-instances silently."""
+    from reir.engine.gallery.gallery import Gallery
+    from reir.engine.serving.retriever import Retriever
 
-    res = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "reir.cli",
-            "search",
-            "the red circle",
-            "--server",
-            f"grpc://{server.grpc_url}",
-            "-k",
-            "3",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    root, texts = served_root
+    args = ["search", texts[0], "--server", f"grpc://{triton.grpc_url}", "--backend", "triton", "-k", "4", "--json"]
+    res = _reir(*args, "--tags", "part=1", "--all-instances")
     assert res.returncode == 0, res.stderr
-    assert len([line for line in res.stdout.splitlines() if line.strip()[:1].isdigit()]) == 3
+    with Gallery.open(root / "main", progress=False) as g:
+        local = Retriever(engine, g).search(texts[0], k=4, per_image=False, tags={"part": "1"})
+    assert json.loads(res.stdout) == local.to_json()
+    res = _reir("search", texts[0], "--server", f"grpc://{triton.grpc_url}")
+    assert res.returncode == 2 and "--server needs --backend" in res.stderr
 
 
 @needs_server
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
-def test_stopping_reir_serve_leaves_no_process_behind(setup, sig):
+def test_stopping_reir_triton_serve_leaves_no_process_behind(repo, sig):
     """What systemd, `docker stop` and Kubernetes do: signal the wrapper. The server, its
     process group (the python stubs) and its ports go with it."""
     import signal
     import socket
-    import subprocess
-    import sys
 
     from reir.engine.serving.triton_server import free_port
 
-    repo, _ = setup
     ports = [free_port() for _ in range(3)]
-    cmd = [sys.executable, "-m", "reir.cli", "serve", "--repository", str(repo), "--python", str(SERVER_PYTHON)]
-    cmd += ["--http-port", str(ports[0]), "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2])]
+    cmd = [sys.executable, "-m", "reir.cli", "triton", "serve", "--repository", str(repo), "--python"]
+    cmd += [str(SERVER_PYTHON), "--http-port", str(ports[0]), "--grpc-port", str(ports[1])]
+    cmd += ["--metrics-port", str(ports[2])]
     # started as a shell starts a background job: SIGINT ignored, which the child inherits
     background = lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)  # noqa: E731
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, preexec_fn=background)
@@ -259,7 +167,7 @@ def test_stopping_reir_serve_leaves_no_process_behind(setup, sig):
         line = ""
         while not line.startswith("ready:"):
             line = proc.stdout.readline()
-            assert line, "reir serve exited before it was ready"
+            assert line, "reir triton serve exited before it was ready"
         server_pid = int(line.rsplit("(pid ", 1)[1].split(")")[0])
         proc.send_signal(getattr(signal, sig))
         assert proc.wait(timeout=60) != 0 or sig == "SIGINT"
@@ -276,10 +184,9 @@ def test_stopping_reir_serve_leaves_no_process_behind(setup, sig):
 
 
 @needs_server
-def test_a_broken_repository_fails_fast_with_the_log(setup, tmp_path):
+def test_a_broken_repository_fails_fast_with_the_log(repo, tmp_path):
     from reir.engine.serving.triton_server import ServerError, TritonServer
 
-    repo, _ = setup
     bad = tmp_path / "bad"
     shutil.copytree(repo, bad)
     (bad / "retrieve" / "1" / "model.py").write_text("raise RuntimeError('boom at load')\n")
@@ -290,7 +197,6 @@ def test_a_broken_repository_fails_fast_with_the_log(setup, tmp_path):
 
 
 def test_checked_in_reference_configs_match_the_generator(tmp_path):
-    from reir.engine.runtime.bundle import Bundle, default_bundle
     from reir.export.triton import REFERENCE_GALLERY_ROOT, write_configs
 
     write_configs(Bundle.open(default_bundle()).manifest, tmp_path, REFERENCE_GALLERY_ROOT, "main")
@@ -299,20 +205,3 @@ def test_checked_in_reference_configs_match_the_generator(tmp_path):
     assert generated == checked_in and len(generated) == 13
     for rel in generated:
         assert (tmp_path / rel).read_text() == (ROOT / "triton_models" / rel).read_text(), rel
-
-
-@needs_server
-def test_pre_tokenised_ids_skip_the_string_path(setup, server):
-    import tritonclient.grpc as g
-
-    _, local = setup
-    ids, mask, _ = local.engine.text.tokenizer(["the red circle"])
-    inputs = []
-    for name, arr in (("INPUT_IDS", ids), ("ATTENTION_MASK", mask)):
-        t = g.InferInput(name, list(arr.shape), "INT64")
-        t.set_data_from_numpy(arr)
-        inputs.append(t)
-    res = g.InferenceServerClient(server.grpc_url).infer("retrieve", inputs)
-    expected = local.search("the red circle", k=10)
-    assert res.as_numpy("INSTANCE_KEYS")[0].tolist() == [h.instance_key for h in expected]
-    np.testing.assert_allclose(res.as_numpy("SCORES")[0], [h.score for h in expected], atol=1e-4)

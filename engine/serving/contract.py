@@ -35,23 +35,20 @@ MAX_TAGS = 16
 MAX_BODY_BYTES = 256 * 1024
 FIELDS = ("text", "k", "per_image", "tags", "gallery")
 
-# error codes and what each transport answers for them
+# error codes: gRPC's names, which every transport can carry (HTTP 400 / 404)
 INVALID = "invalid_argument"
 NOT_FOUND = "not_found"
-TOO_LARGE = "too_large"
-HTTP_STATUS = {INVALID: 400, NOT_FOUND: 404, TOO_LARGE: 413}
+HTTP_STATUS = {INVALID: 400, NOT_FOUND: 404}
 
 
 class RequestError(ReirError, ValueError):
-    """The request is wrong: the client's to fix, never retried. `field` names the part."""
+    """The request is wrong: the client's to fix, never retried. `field` names the part.
+    `http_status`: what HTTP answers (413 for a body over the limit; else from the code)."""
 
-    def __init__(self, field: str, problem: str, code: str = INVALID):
+    def __init__(self, field: str, problem: str, code: str = INVALID, http_status: int | None = None):
         super().__init__(f"{field}: {problem}")
         self.field, self.problem, self.code = field, problem, code
-
-    @property
-    def http_status(self) -> int:
-        return HTTP_STATUS[self.code]
+        self.http_status = http_status or HTTP_STATUS[code]
 
     @classmethod
     def from_message(cls, message: str, code: str = INVALID) -> RequestError:
@@ -100,7 +97,7 @@ class SearchRequest:
         """A request from its JSON text (an HTTP body, a Triton string tensor)."""
         size = len(data.encode("utf-8") if isinstance(data, str) else data)
         if size > MAX_BODY_BYTES:
-            raise RequestError("body", f"{size:,} bytes; at most {MAX_BODY_BYTES:,}", TOO_LARGE)
+            raise RequestError("body", f"{size:,} bytes; at most {MAX_BODY_BYTES:,}", http_status=413)
         try:
             body = json.loads(data)
         except RecursionError:

@@ -21,7 +21,6 @@ import urllib.parse
 from reir.engine.serving.contract import (
     INVALID,
     NOT_FOUND,
-    TOO_LARGE,
     AsyncClient,
     Client,
     RequestError,
@@ -31,7 +30,7 @@ from reir.engine.serving.contract import (
     Unavailable,
 )
 
-CODE_OF_STATUS = {400: INVALID, 404: NOT_FOUND, 413: TOO_LARGE, 422: INVALID}
+CODE_OF_STATUS = {400: INVALID, 404: NOT_FOUND, 413: INVALID, 422: INVALID}
 
 
 class ServeRetriever(Client):

@@ -35,6 +35,7 @@ def register(sub) -> None:
     p = c.add_parser("serve", help="serve galleries with Ray Serve (blocks; Ctrl-C or SIGTERM stops it)")
     p.add_argument("--root", type=Path, required=True, help="the gallery root; requests name galleries under it")
     p.add_argument("--gallery", nargs="+", required=True, help="gallery directory names under --root")
+    p.add_argument("--default", help="the gallery of requests that name none (default: the only one served)")
     p.add_argument("--bundle", type=Path, help="default: the first gallery's bundle, else the shipped model")
     p.add_argument("--replicas", type=int, default=1, help="replicas per shard")
     p.add_argument("--deadline", type=float, default=5.0, help="seconds a request waits for its shards")
@@ -107,9 +108,11 @@ def _serve(args: argparse.Namespace) -> int:
     warn_if_exposed(args.host, "the app")
     try:
         url = start(
-            build_app(bundle, root, args.gallery, args.replicas, args.deadline, args.encoder), args.port, args.host
+            build_app(bundle, root, args.gallery, args.replicas, args.deadline, args.encoder, args.default),
+            args.port,
+            args.host,
         )
-        print(f"ready: {url}  (reir search ... --server {url} --backend serve); Ctrl-C stops it")
+        print(f"ready: {url}  (reir search ... --server {url} --backend serve); Ctrl-C stops it", flush=True)
         while True:
             time.sleep(1)
     except KeyboardInterrupt:

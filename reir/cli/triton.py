@@ -83,7 +83,7 @@ def _serve(args: argparse.Namespace) -> int:
     with server:
         print(f"ready: http://{server.http_url}  grpc://{server.grpc_url}  (pid {server.proc.pid}); Ctrl-C stops it")
         print("on a GPU host, the same repository in NGC's container:")
-        print("  " + NGC_COMMAND.format(repo=args.repository.resolve(), gallery_root="/path/to/galleries"))
+        print("  " + NGC_COMMAND.format(repo=args.repository.resolve(), gallery_root="/path/to/galleries"), flush=True)
         try:
             while server.proc.poll() is None:
                 time.sleep(1)
