@@ -7,6 +7,7 @@ cluster. Traffic goes to loopback only, is bounded in count and time, and stops 
 from __future__ import annotations
 
 import ipaddress
+import json
 import shutil
 import threading
 import time
@@ -16,13 +17,13 @@ import numpy as np
 import pytest
 
 pytest.importorskip("ray", reason="ray not installed (cluster extra)")
+pytestmark = pytest.mark.cluster
 
-from reir.cluster.indexing import index_on_ray
-from reir.cluster.local import LocalCluster
-from reir.engine.gallery.gallery import ShardedGallery, global_hit
-from reir.engine.gallery.shard import Gallery
-from reir.engine.runtime.bundle import default_bundle
-from reir.engine.serving.serve_client import AsyncServeRetriever, ServeError, ServeRetriever
+from reir.cluster.indexing import index_on_ray  # noqa: E402
+from reir.cluster.local import LocalCluster  # noqa: E402
+from reir.engine.gallery.gallery import Gallery  # noqa: E402
+from reir.engine.runtime.bundle import default_bundle  # noqa: E402
+from reir.engine.serving.serve_client import AsyncServeRetriever, ServeRetriever  # noqa: E402
 
 
 def _loopback(addresses: set[str]) -> bool:
@@ -37,7 +38,7 @@ def _loopback(addresses: set[str]) -> bool:
 def _rows(g) -> dict[str, list[tuple]]:
     """sha256 -> [(box, detection score, embedding)] over every shard."""
     out = {}
-    for shard in getattr(g, "shards", [g]):
+    for shard in g.shards:
         q = (
             "SELECT m.sha256, i.x1, i.y1, i.x2, i.y2, i.score, i.embedding FROM instances i "
             "JOIN images m ON m.id = i.image_id ORDER BY i.key"
@@ -53,8 +54,7 @@ def single(synth_small, tmp_path_factory):
     from reir.engine.runtime.engine import Engine
 
     engine = Engine.open(default_bundle(), threads=2)
-    path = tmp_path_factory.mktemp("single") / "g"
-    g = Gallery.create(path, engine.dim, model=engine.model_id, bundle=str(engine.bundle.path))
+    g = Gallery.for_bundle(tmp_path_factory.mktemp("single") / "g", engine.bundle)
     g.add_images(sorted((synth_small / "images").glob("*.png")), engine)
     yield g
     g.close()
@@ -71,8 +71,8 @@ def test_distributed_indexing_equals_one_process(synth_small, single, tmp_path):
         again = index_on_ray(images, tmp_path / "g", default_bundle(), workers=2, progress=False)
         assert again.added == 0 and again.already_indexed == 120  # resumed: nothing twice
         assert _loopback(cluster.listening_addresses())
-    with ShardedGallery.open(tmp_path / "g", progress=False) as g:
-        assert [s.info()["images"] for s in g.shards] != [120, 0, 0]
+    with Gallery.open(tmp_path / "g", progress=False) as g:
+        assert [s.images for s in g.info().per_shard] != [120, 0, 0]
         mine, ref = _rows(g), _rows(single)
         assert set(mine) == set(ref)  # same images
         for sha, rows in ref.items():
@@ -109,8 +109,8 @@ def test_a_worker_node_killed_mid_indexing_loses_nothing_and_duplicates_nothing(
         assert not t.is_alive(), "the indexing job hung after losing a node"
         report = index_on_ray(synth_small / "images", target, default_bundle(), workers=2, progress=False)
         assert report.added + report.already_indexed == 120
-    with ShardedGallery.open(target, progress=False) as g:
-        assert g.info()["images"] == 120
+    with Gallery.open(target, progress=False) as g:
+        assert g.info().images == 120
         assert set(_rows(g)) == set(_rows(single))
         assert g.check() == []
 
@@ -134,8 +134,8 @@ PORT = 18741
 
 @pytest.fixture(scope="module")
 def served(synth_small, single, tmp_path_factory):
-    """A 2-shard copy of the single gallery served by Ray Serve on a 2-node cluster, two
-    replicas per shard."""
+    """A 2-shard copy of the single gallery (`main`, the default) and a small one (`broken`,
+    for a fault) served by Ray Serve on a 2-node cluster, two replicas per shard."""
     from ray import serve
 
     from reir.cluster.serving import build_app, start
@@ -144,11 +144,15 @@ def served(synth_small, single, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("root")
     engine = Engine.open(default_bundle(), threads=2)
-    with ShardedGallery.create(root / "main", 2, engine.dim, model=engine.model_id) as g:
-        g.add_images(sorted((synth_small / "images").glob("*.png")), engine)
+    images = sorted((synth_small / "images").glob("*.png"))
+    with Gallery.create(root / "main", engine.dim, model=engine.model_id, shards=2) as g:
+        g.add_images(images, engine)
+    with Gallery.create(root / "broken", engine.dim, model=engine.model_id, shards=2) as g:
+        g.add_images(images[:20], engine)
     texts = sorted({e.text for e in load_dataset(synth_small).expressions.values()})[:40]
     with LocalCluster(nodes=2) as cluster:
-        url = start(build_app(default_bundle(), root, ["main"], replicas=2, deadline_s=5.0), port=PORT)
+        app = build_app(default_bundle(), root, ["main", "broken"], replicas=2, deadline_s=5.0, default="main")
+        url = start(app, port=PORT)
         _ready(url, texts[0])
         yield cluster, url, texts, engine, root
         serve.shutdown()
@@ -159,8 +163,7 @@ def _ready(url: str, text: str, within_s: float = 120) -> None:
     (the first calls set up connections and can miss the deadline on a loaded host)."""
     client, deadline = ServeRetriever(url), time.monotonic() + within_s
     while time.monotonic() < deadline:
-        client.search(text, k=1)
-        if not client.last_partial:
+        if not client.search(text, k=1).partial:
             return
     raise AssertionError(f"the app gave no full answer within {within_s} s")
 
@@ -171,10 +174,9 @@ def _expected(single, engine, texts, k=10):
 
 def test_served_search_equals_one_gallery(served, single):
     cluster, url, texts, engine, _ = served
-    remote = ServeRetriever(url.replace("http://", "ray://"))
-    found = remote.search(texts, k=10)
-    assert not remote.last_partial and remote.last_missing == []
-    for a, b in zip(found, _expected(single, engine, texts), strict=True):
+    response = ServeRetriever(url).search(texts, k=10)
+    assert not response.partial and response.missing_shards == ()
+    for a, b in zip([r.hits for r in response.results], _expected(single, engine, texts), strict=True):
         assert [h.path for h in a] == [h.path for h in b] or all(
             abs(x.score - y.score) < 1e-5 for x, y in zip(a, b, strict=True)
         )
@@ -184,7 +186,6 @@ def test_served_search_equals_one_gallery(served, single):
 
 def test_async_client_and_the_search_command(served, single):
     import asyncio
-    import json
     import subprocess
     import sys
 
@@ -196,35 +197,32 @@ def test_async_client_and_the_search_command(served, single):
         return await asyncio.gather(*(client.search(t, k=5) for t in texts[:4]))
 
     for a, b in zip(asyncio.run(many()), ref, strict=True):
-        assert [h.image_id for h in a] and [h.path for h in a] == [h.path for h in b]
+        assert a.hits and not a.partial and [h.path for h in a.hits] == [h.path for h in b]
     res = subprocess.run(
-        [sys.executable, "-m", "reir.cli", "search", texts[0], "--server", url.replace("http://", "ray://"), "--json"],
+        [sys.executable, "-m", "reir.cli", "search", texts[0], "--server", url, "--backend", "serve", "--json"],
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert res.returncode == 0, res.stderr
-    assert json.loads(res.stdout)["hits"][0]["path"] == ref[0][0].path
+    assert json.loads(res.stdout)["results"][0]["hits"][0]["path"] == ref[0][0].path
 
 
-@pytest.mark.parametrize(
-    "body, status, message",
-    [
-        ({"text": ""}, 400, "empty expression"),
-        ({"text": "a red circle", "k": 0}, 400, "k must be an integer in [1, 100]"),
-        ({"text": "a red circle", "k": 10_000}, 400, "k must be an integer in [1, 100]"),
-        ({"text": "a red circle", "gallery": "nope"}, 404, "no gallery named 'nope'"),
-        ({"text": "a red circle", "gallery": "../../etc"}, 400, "outside the gallery root"),
-        ({"text": "a red circle", "colour": "red"}, 400, "unknown field(s): ['colour']"),
-    ],
-)
-def test_bad_requests_get_a_4xx_and_the_app_keeps_serving(served, body, status, message):
-    _, url, texts, _, _ = served
+def test_a_bug_in_a_shard_is_an_error_not_a_missing_shard(served):
+    """A shard whose code raises (here: its SQLite lost a table under the server) fails the
+    request with a 5xx naming the error; it is not passed off as a `partial` answer."""
+    import sqlite3
+
+    from reir.engine.serving.contract import ServiceError
+
+    _, url, texts, _, root = served
     client = ServeRetriever(url)
-    with pytest.raises(ServeError) as e:
-        client._post(body)
-    assert f"HTTP {status}" in str(e.value) and message in str(e.value)
-    assert client.search(texts[0], k=3)  # still serving
+    assert client.search(texts[0], k=3, gallery="broken").hits  # healthy first
+    with sqlite3.connect(root / "broken" / "shard-001" / "gallery.sqlite") as db:
+        db.execute("DROP TABLE instances")
+    with pytest.raises(ServiceError, match="HTTP 500"):
+        client.search(texts[0], k=3, gallery="broken")
+    assert client.search(texts[0], k=3).hits  # the other gallery is served as before
 
 
 def _replicas(shard: str) -> list:
@@ -234,14 +232,14 @@ def _replicas(shard: str) -> list:
     return [ray.get_actor(n, namespace="serve") for n in names if n.startswith(f"SERVE_REPLICA::reir#{shard}#")]
 
 
-def _load(url, texts, count: int, workers: int = 4) -> list[tuple[list, bool, list, float]]:
+def _load(url, texts, count: int, workers: int = 4) -> list[tuple[tuple, bool, tuple, float]]:
     """`count` queries from `workers` threads; per query (hits, partial, missing, seconds)."""
+    client = ServeRetriever(url, timeout=30)  # one client shared by the threads (a connection each)
 
     def one(i):
-        c = ServeRetriever(url, timeout=30)
         t0 = time.monotonic()
-        hits = c.search(texts[i % len(texts)], k=10)
-        return hits, c.last_partial, c.last_missing, time.monotonic() - t0
+        r = client.search(texts[i % len(texts)], k=10)
+        return r.hits, r.partial, r.missing_shards, time.monotonic() - t0
 
     with ThreadPoolExecutor(workers) as pool:
         return list(pool.map(one, range(count)))
@@ -262,7 +260,7 @@ def test_killing_one_replica_loses_no_query(served, single):
     loader.join(timeout=120)
     assert len(results) == 80  # every query answered
     for i, (hits, partial, missing, _) in enumerate(results):
-        assert not partial and missing == []
+        assert not partial and missing == ()
         assert [h.path for h in hits][:1] == [h.path for h in ref[texts[i % len(texts)]]][:1]
 
 
@@ -271,16 +269,15 @@ def test_losing_every_replica_of_a_shard_gives_flagged_partial_answers_then_full
 
     _, url, texts, engine, root = served
     ref = _expected(single, engine, texts[:1])[0]
-    with ShardedGallery.open(root / "main", progress=False) as g:  # what shard 0 alone holds
-        q = engine.encode_text(texts[:1])
-        only0 = [global_hit(h, 0, 2) for h in g.shards[0].search(q, 10)[0]]
+    with Gallery.open(root / "main", shard=0, progress=False) as g:  # what shard 0 alone holds
+        only0 = g.search(engine.encode_text(texts[:1]), 10)[0]
     for victim in _replicas("main-shard-1"):
         ray.kill(victim, no_restart=True)
     results = _load(url, texts[:1], 8, workers=2)
     partial = [r for r in results if r[1]]
     assert partial, "no answer was flagged partial while shard 1 had no replica"
     for hits, _, missing, seconds in partial:
-        assert missing == [1] and seconds < 5.0 + 5.0  # the deadline, never a hang
+        assert missing == (1,) and seconds < 5.0 + 5.0  # the deadline, never a hang
         assert [(h.image_id, h.path) for h in hits] == [(h.image_id, h.path) for h in only0]
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:  # Serve replaces the replicas
@@ -320,10 +317,49 @@ def test_the_whole_indexing_job_killed_then_rerun_finishes_exactly_once(synth_sm
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "already indexed" in res.stdout and " 0 already indexed" not in res.stdout
-    with ShardedGallery.open(tmp_path / "g", progress=False) as g:
-        assert g.info()["images"] == 120 and set(_rows(g)) == set(_rows(single))
+    with Gallery.open(tmp_path / "g", progress=False) as g:
+        assert g.info().images == 120 and set(_rows(g)) == set(_rows(single))
         assert g.check() == []
     time.sleep(2)
     left = [p for p in psutil.process_iter(["cmdline"]) if ray_tmp in " ".join(p.info["cmdline"] or [])]
     assert not left, f"Ray processes left behind: {[p.pid for p in left]}"
     shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def test_the_replica_listener_shim_is_needed_and_works(tmp_path):
+    """Serve binds each replica's inter-deployment gRPC server on every interface; the shim
+    (cluster/compat.py) keeps it on the node's address. Two deployments, one without it."""
+    from ray import serve
+
+    from reir.cluster.compat import RayIncompatible, check_version, keep_replica_listener_on_node
+
+    @serve.deployment(ray_actor_options={"num_cpus": 0})
+    class Plain:
+        def pid(self) -> int:
+            return os.getpid()
+
+    @serve.deployment(ray_actor_options={"num_cpus": 0})
+    class Shimmed:
+        def __init__(self):
+            keep_replica_listener_on_node()
+
+        def pid(self) -> int:
+            return os.getpid()
+
+    import os
+
+    import psutil
+
+    def listening(pid: int) -> set[str]:
+        return {c.laddr.ip for c in psutil.Process(pid).net_connections("inet") if c.status == psutil.CONN_LISTEN}
+
+    with LocalCluster(nodes=1, cpus=2):
+        serve.start(http_options={"host": "127.0.0.1", "port": PORT + 1})
+        plain = serve.run(Plain.bind(), name="plain", route_prefix="/plain")
+        shimmed = serve.run(Shimmed.bind(), name="shimmed", route_prefix="/shimmed")
+        wide, narrow = listening(plain.pid.remote().result()), listening(shimmed.pid.remote().result())
+        serve.shutdown()
+    assert wide & {"::", "0.0.0.0"}, wide  # needed: without it a replica listens on every interface
+    assert narrow and _loopback(narrow), narrow  # works: with it, on loopback only
+    with pytest.raises(RayIncompatible, match=r"tested with Ray 2\.58, 2\.59, 2\.60"):
+        check_version("2.61.0")

@@ -70,7 +70,7 @@ def _answers(g: Gallery, queries) -> list[list[int]]:
 @pytest.mark.parametrize("damage", DAMAGES)
 @pytest.mark.parametrize("name", _files())
 def test_a_reader_serves_the_exact_scan(pristine, tmp_path, name, damage):
-    path, _, queries, expected = pristine
+    _, _, queries, expected = pristine
     copy = _damaged(pristine, tmp_path, name, damage)
     with Gallery.open(copy, progress=False) as g:
         index = g.info().per_shard[0].index

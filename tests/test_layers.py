@@ -1,7 +1,9 @@
 """Dependencies go one way. Each layer imports, module by module, with every layer above it
 (and the heavy packages it must not need) blocked:
 
-    engine      serving: bundle, encoders, gallery, retriever, clients (no torch, no data, no metrics)
+    engine      serving (no torch, no data, no metrics), itself in four folders that go one way:
+                runtime (bundle, sessions) and search (vectors, candidates) know nothing of each
+                other; gallery builds on both; serving (the contract, clients) on all
     datasets    formats, readers, validation, the synthetic benchmark (may use engine's file helpers)
     evaluation  metrics, the gallery protocol, reports (datasets, engine)
     training    CLARE in PyTorch (evaluation, datasets, engine)
@@ -36,7 +38,20 @@ ABOVE = {
     "reir.export": ("reir.benchmarks", "reir.cli"),
     "reir.cluster": ("reir.datasets", "reir.evaluation", "reir.training", "reir.export", "reir.benchmarks", "reir.cli"),
 }
-TORCH_FREE = ("reir.engine", "reir.datasets", "reir.evaluation", "reir.cluster")
+ABOVE |= {  # inside the engine
+    "reir.engine.runtime": ("reir.engine.gallery", "reir.engine.search", "reir.engine.serving", "faiss"),
+    "reir.engine.search": ("reir.engine.runtime", "reir.engine.gallery", "reir.engine.serving", "onnxruntime"),
+    "reir.engine.gallery": ("reir.engine.serving", "tritonclient"),
+}
+TORCH_FREE = (
+    "reir.engine",
+    "reir.engine.runtime",
+    "reir.engine.search",
+    "reir.engine.gallery",
+    "reir.datasets",
+    "reir.evaluation",
+    "reir.cluster",
+)
 MODULES_AT_LEAST = {"reir.cluster": 3}  # how many modules the walk must find (5 elsewhere)
 
 
@@ -90,6 +105,8 @@ ENGINE_EXTRA = ("onnxruntime", "faiss", "tokenizers", "tritonclient", "usearch")
     [
         (HEAVY, ["search", "a red circle", "--gallery", "g"]),  # a serving host: no training extra
         (HEAVY + ENGINE_EXTRA, ["synth", "--out", "d", "--images", "3", "--quiet"]),  # the core install alone
+        # the command line itself loads no engine, numpy, Pillow or Ray: each command what it uses
+        (HEAVY + ENGINE_EXTRA + ("numpy", "PIL", "ray"), ["gallery", "info", "g"]),
     ],
 )
 def test_the_command_line_needs_only_what_its_command_uses(tmp_path, blocked, argv):
