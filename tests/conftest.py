@@ -30,6 +30,17 @@ TINY_CONFIG = ROOT / "configs" / "synth_tiny.yaml"
 SERVER_PYTHON = Path(os.environ.get("REIR_TRITON_PYTHON", ROOT / ".venv-triton" / "bin" / "python"))
 
 
+FIXTURE_TIERS = {"tiny_run": "train", "tiny_bundle": "export", "triton": "triton"}
+
+
+def pytest_collection_modifyitems(items):
+    """A test that uses a tier's fixture is in that tier, whether or not its module says so."""
+    for item in items:
+        for fixture, mark in FIXTURE_TIERS.items():
+            if fixture in getattr(item, "fixturenames", ()):
+                item.add_marker(getattr(pytest.mark, mark))
+
+
 def same_response(a, b, where: str = "") -> None:
     """Two SearchResponses with the same hits (ids, keys, paths, boxes exactly; scores to the
     last bits, as two processes' float32 text encodings may differ there), flags and shards."""

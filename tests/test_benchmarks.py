@@ -1,4 +1,5 @@
-"""`reir bench`: the report's machinery on the tiny model, at sizes a test can afford."""
+"""`reir bench`: the report's machinery on the shipped model at its real dimension, at sizes a
+test can afford: a model change cannot break the report without this failing."""
 
 from __future__ import annotations
 
@@ -9,14 +10,15 @@ import numpy as np
 import pytest
 
 pytest.importorskip("matplotlib", reason="matplotlib not installed (bench extra)")
+pytestmark = pytest.mark.bench
 
 
 @pytest.fixture(scope="module")
-def encoded(tiny_bundle, tmp_path_factory):
+def encoded(tmp_path_factory):
     from reir.benchmarks.common import encoded_gallery
-    from reir.engine.runtime.bundle import Bundle
+    from reir.engine.runtime.bundle import Bundle, default_bundle
 
-    b = Bundle.open(tiny_bundle)
+    b = Bundle.open(default_bundle())
     return b, encoded_gallery(b, 60, tmp_path_factory.mktemp("bench-work"))
 
 
@@ -45,44 +47,7 @@ def test_two_stage_with_every_image_in_stage_one_ranks_like_clare(encoded):
     assert same["clare_exact"]["mBR@10(0.5)"] > 0  # the tiny model finds something, so equality means something
 
 
-def test_report_writes_json_markdown_and_figures(tiny_bundle, tmp_path):
-    from reir.benchmarks.run import run_report
-
-    out = tmp_path / "results"
-    path = run_report(
-        out,
-        tiny_bundle,
-        tmp_path / "work",
-        sections=("stages", "indexes", "two_stage"),
-        tiers=(30, 60),
-        index_sizes=(3000, 6000),
-    )
-    report = json.loads(path.read_text())
-    assert not list(out.glob("*.partial.json"))
-    assert report["machine"]["cores"] and report["machine"]["versions"]["faiss-cpu"]
-    rows = report["indexes"]["rows"]
-    designs = {r["design"] for r in rows}
-    assert {"gallery (default)", "gallery index, fixed", "exact scan (faiss f16)"} <= designs
-    assert any(d.startswith("usearch HNSW") for d in designs) and any(d.startswith("faiss IVF") for d in designs)
-    assert all(r["top1"] == 1.0 and r["top10"] == 1.0 for r in rows if r["design"].startswith("exact scan"))
-    assert all(0 <= r["top10"] <= 1 and r["p50_ms"] > 0 for r in rows)
-    for f in report["indexes"]["filtered"]:
-        assert 0 <= f["top1"] <= 1 and f["ratio_p50"] > 0
-    rows = report["two_stage"]
-    assert [r["images"] for r in rows] == [30, 60]
-    for r in rows:  # the two-stage query ran the visual encoder on its m images; CLARE searched a real gallery
-        assert r["latency"]["two_stage"]["stages_p50_ms"]["ground"] > 0
-        assert r["latency"]["clare"]["index_instances"] > 0
-        assert {"clare", "clare_exact", "two_stage"} <= set(r["accuracy"])
-    md = path.with_suffix(".md").read_text()
-    assert "## Headlines" in md and report["machine_label"] in md and "CLARE vs two-stage at 60 images" in md
-    assert "accuracy at 60 images" in md and "through the gallery's search" in md
-    assert "## Search at scale" in md and "instances: the gallery agrees with the exact ranking" in md
-    assert len(report["figures"]) == 3
-    for name in report["figures"]:
-        assert (out / name).stat().st_size > 10_000  # a drawn PNG, not an empty canvas
-
-
+@pytest.mark.train
 def test_step_comparison_times_both_configs_on_every_stage(tmp_path):
     pytest.importorskip("torch", reason="torch not installed (training extra)")
     from reir.benchmarks.recipe_steps import compare_steps
@@ -99,26 +64,45 @@ def test_step_comparison_times_both_configs_on_every_stage(tmp_path):
     assert json.loads(out.read_text()) == res and not list(tmp_path.glob(".steps.json.*"))  # no temp file left
 
 
-def test_every_report_section_runs_on_the_shipped_bundle(tmp_path):
-    """The shipped model at its real dimension through every section, at sizes CI affords: a
-    model change cannot break the report without this failing."""
+def test_every_report_section_runs_and_writes_json_markdown_and_figures(tmp_path):
+    """The whole report (every section, the shipped bundle) at sizes CI affords."""
+    from reir.benchmarks import capacity
     from reir.benchmarks.run import SECTIONS, run_report
     from reir.engine.runtime.bundle import default_bundle
 
-    path = run_report(
-        tmp_path / "results", default_bundle(), tmp_path / "work", tiers=(20, 40), index_sizes=(2500,), requests=24
-    )
+    out = tmp_path / "results"
+    path = run_report(out, default_bundle(), tmp_path / "work", tiers=(20, 40), index_sizes=(2500,), requests=24)
     report = json.loads(path.read_text())
+    assert not list(out.glob("*.partial.json"))
     assert report["bundle"]["dim"] == 448 and set(SECTIONS) <= set(report)
-    assert {r["vectors"] for r in report["indexes"]["rows"]} == {report["indexes"]["rows"][0]["vectors"]}
+    assert report["machine"]["cores"] and report["machine"]["versions"]["faiss-cpu"]
+    rows = report["indexes"]["rows"]
+    assert {r["vectors"] for r in rows} == {rows[0]["vectors"]}
+    designs = {r["design"] for r in rows}
+    assert {"gallery (default)", "gallery index, fixed", "exact scan (faiss f16)"} <= designs
+    assert any(d.startswith("usearch HNSW") for d in designs) and any(d.startswith("faiss IVF") for d in designs)
+    assert all(r["top1"] == 1.0 and r["top10"] == 1.0 for r in rows if r["design"].startswith("exact scan"))
+    assert all(0 <= r["top10"] <= 1 and r["p50_ms"] > 0 for r in rows)
+    for f in report["indexes"]["filtered"]:
+        assert 0 <= f["top1"] <= 1 and f["ratio_p50"] > 0
+    stage_rows = report["two_stage"]
+    assert [r["images"] for r in stage_rows] == [20, 40]
+    for r in stage_rows:  # the two-stage query ran the visual encoder on its m images; CLARE searched a real gallery
+        assert r["latency"]["two_stage"]["stages_p50_ms"]["ground"] > 0
+        assert r["latency"]["clare"]["index_instances"] > 0
+        assert {"clare", "clare_exact", "two_stage"} <= set(r["accuracy"])
     assert report["end_to_end"]["rows"]["embedded_c1"]["p50_ms"] > 0
     cl = report["cluster"]
     assert {f"serve_{s}shard_c{c}" for s in (1, 2, 4) for c in (1, 4, 16)} <= set(cl["rows"])
     assert all(r["n"] == cl["requests"] and r["p50_ms"] > 0 for r in cl["rows"].values())
     assert set(cl["indexing"]["ray"]) == {"1", "2", "4"} and min(cl["indexing"]["ray"].values()) > 0
+    md = path.with_suffix(".md").read_text()
+    assert "## Headlines" in md and report["machine_label"] in md and "CLARE vs two-stage at 40 images" in md
+    assert "accuracy at 40 images" in md and "through the gallery's search" in md
+    assert "## Search at scale" in md and "instances: the gallery agrees with the exact ranking" in md
     assert f"{report['name']}-serving.png" in report["figures"]
-    from reir.benchmarks import capacity
-
+    for name in report["figures"]:
+        assert (out / name).stat().st_size > 10_000  # a drawn PNG, not an empty canvas
     m = capacity.measured(report, report, None)
     plan = capacity.plan(m, qps=100, node_cores=32, node_gib=256, gpus=(8,))
     assert [r["shards"] for r in plan] == sorted(r["shards"] for r in plan) and plan[-1]["shards"] > plan[0]["shards"]

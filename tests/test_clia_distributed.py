@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+pytestmark = pytest.mark.train  # two processes train a step; torchrun trains the tiny recipe
+
 torch = pytest.importorskip("torch", reason="torch not installed (training extra)")
 
 import torch.distributed as dist  # noqa: E402

@@ -12,8 +12,9 @@ import pytest
 
 pytest.importorskip("torch", reason="torch not installed (training extra)")
 pytest.importorskip("onnx", reason="onnx not installed (export extra)")
+pytestmark = pytest.mark.export
 
-from reir.engine.runtime.bundle import Bundle, BundleError
+from reir.engine.runtime.bundle import Bundle, BundleError  # noqa: E402
 
 PROBE = 300
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None
@@ -215,13 +216,13 @@ def _reir(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_cli_bad_checkpoints_name_the_file(tmp_path):
-    res = _reir("export", str(tmp_path / "nope.pt"), "--out", str(tmp_path / "b"))
+    res = _reir("export", "bundle", str(tmp_path / "nope.pt"), "--out", str(tmp_path / "b"))
     assert res.returncode == 2 and "nope.pt: checkpoint not found" in res.stderr and "Traceback" not in res.stderr
     trunc = tmp_path / "trunc.pt"
     trunc.write_bytes(b"PK\x03\x04 not really a zip")
-    res = _reir("export", str(trunc), "--out", str(tmp_path / "b"))
+    res = _reir("export", "bundle", str(trunc), "--out", str(tmp_path / "b"))
     assert res.returncode == 2 and "trunc.pt: cannot read checkpoint" in res.stderr
-    res = _reir("export", str(trunc), "--out", str(tmp_path / "b"), "--static-shape", "12x")
+    res = _reir("export", "bundle", str(trunc), "--out", str(tmp_path / "b"), "--static-shape", "12x")
     assert res.returncode == 2 and "--static-shape" in res.stderr
     assert not (tmp_path / "b").exists()
 
@@ -261,3 +262,26 @@ def test_trt_builds_engines_with_sidecars(bundles):  # pragma: no cover - runs w
     for plan in plans:
         side = json.loads(plan.with_suffix(".plan.json").read_text())
         assert plan.stat().st_size > 0 and side["tensorrt"] and side["compute_capability"] and side["profiles"]
+
+
+def test_engine_eval_matches_pytorch_eval(tiny_run, tiny_bundle, tmp_path):
+    """`reir eval --bundle` (ONNX Runtime) against `reir eval CHECKPOINT` (PyTorch): same report."""
+
+    from reir.datasets.synth import SynthConfig, generate
+
+    _, _, ckpt = tiny_run
+    generate(tmp_path / "d", SynthConfig(images=500, seed=321), progress=False)
+    args = ["--data", str(tmp_path / "d"), "--split", "test", "--quiet"]
+    a = _reir("eval", "--bundle", str(tiny_bundle), *args, "--json", str(tmp_path / "onnx.json"))
+    b = _reir("eval", str(ckpt), *args, "--json", str(tmp_path / "torch.json"))
+    assert a.returncode == 0 and b.returncode == 0, a.stderr + b.stderr
+    onnx = json.loads((tmp_path / "onnx.json").read_text())
+    ma, mb = onnx["meta"]["exact_protocol"], json.loads((tmp_path / "torch.json").read_text())["metrics"]
+    assert ma.keys() == mb.keys()
+    for key in ma:  # the same protocol (every instance scored in memory): the export changes nothing
+        assert abs(ma[key] - mb[key]) <= 0.5, (key, ma[key], mb[key])
+    # the headline figures come through a real gallery (f16 vectors, its index): a near tie may
+    # flip, nothing more (200 queries: one query is 0.5 points)
+    assert "gallery's search" in onnx["meta"]["search"] and onnx["metrics"].keys() == ma.keys()
+    for key in ma:
+        assert abs(onnx["metrics"][key] - ma[key]) <= 1.0, (key, onnx["metrics"][key], ma[key])

@@ -21,11 +21,11 @@ def _index(g: Gallery):
 
 
 def test_large_gallery_uses_its_index_and_agrees(tmp_path):
-    """Big enough (60,000 rows of 256-d) that the index beats a scan, so the index answers."""
+    """Big enough (30,000 rows of 256-d) that the index beats a scan, so the index answers."""
     rng = np.random.default_rng(0)
     g = Gallery.create(tmp_path / "g", 256, queries=sample(rng, dim=256))
-    for start in range(0, 2500, 500):
-        g.add(images(rng, 500, start, per=24, dim=256), save_index=False)
+    for start in range(0, 1250, 250):
+        g.add(images(rng, 250, start, per=24, dim=256), save_index=False)
     g.save()
     info = _index(g)
     assert info.kind == "projected-pq" and info.agreement["met"], info
