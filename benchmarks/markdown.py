@@ -87,8 +87,25 @@ def headlines(report: dict) -> list[str]:
 
 
 def render(report: dict) -> str:
+    """The report as markdown: its header and headlines, then one part per section it ran."""
+    lines = _header(report) + [f"![{f}]({f})" for f in report.get("figures", [])]
+    for key, part in (
+        ("stages", _stages),
+        ("indexes", _indexes),
+        ("two_stage", _two_stage),
+        ("end_to_end", _end_to_end),
+        ("cluster", _cluster),
+    ):
+        if report.get(key):
+            lines += part(report[key])
+    lines += ["", "Section wall times (s): " + ", ".join(f"{k} {v}" for k, v in report["seconds"].items()), ""]
+    return "\n".join(lines)
+
+
+def _header(report: dict) -> list[str]:
     m = report["machine"]
-    lines = [
+    reused = report.get("reused")
+    return [
         f"# Benchmark report: {report['name']}",
         "",
         f"Machine: {report['machine_label']}, {m['memory_GiB']} GiB, Python {m['python']}, {m['os']}.  ",
@@ -99,10 +116,10 @@ def render(report: dict) -> str:
         *(
             [
                 "Reused from `--work` (their generation and encoding time is not in the wall time): "
-                + ", ".join(f"`{r}`" for r in report["reused"])
+                + ", ".join(f"`{r}`" for r in reused)
                 + "."
             ]
-            if report.get("reused")
+            if reused
             else []
         ),
         "",
@@ -111,117 +128,121 @@ def render(report: dict) -> str:
         *[f"- {h}" for h in headlines(report)],
         "",
     ]
-    lines += [f"![{f}]({f})" for f in report.get("figures", [])]
-    st = report.get("stages")
-    if st:
-        lines += [
-            "",
-            "## Where the time goes",
-            "",
-            "One query, median per stage:",
-            "",
-            _table([st["query"]], list(st["query"])),
-        ]
-        lines += ["One indexed image:", "", _table([st["image"]], list(st["image"]))]
-        lines += ["Indexing throughput (`Gallery.add_images`: hash, read, detect, SQLite + index):", ""]
-        lines += [_table(st["indexing"], ["threads", "batch", "images_per_s"])]
-    idx = report.get("indexes")
-    if idx:
-        lines += ["", "## Search at scale (the model's vectors at their real dimension)", ""]
-        lines += [
-            f"{idx['queries']} held-out test expressions per tier; truth = the exact ranking over the stored f16 "
-            "vectors; every design's candidates are scored exactly and reduced to the best instance per image. "
-            "Latency: one query at a time, one thread. Bytes per instance: `resident` = what every query touches "
-            "(for the gallery: its codes, keys and image ids; its f16 vectors are memory-mapped and only the "
-            "re-ranked rows are read), `disk` = the whole gallery directory (SQLite included).",
-            "",
-            _table(
-                idx["rows"],
-                [
-                    "vectors",
-                    "design",
-                    "setting",
-                    "top1",
-                    "top10",
-                    "recall10",
-                    "p50_ms",
-                    "p99_ms",
-                    "build_s",
-                    "bytes_resident",
-                    "bytes_disk",
-                ],
-            ),
-        ]
-        if idx.get("filtered"):
-            lines += ["Filtered search (a tag on 1 % of the images), beside the unfiltered search in the same run:", ""]
-            keys = ["vectors", "top1", "top10", "filtered_p50_ms", "filtered_p99_ms", "unfiltered_p50_ms", "ratio_p50"]
-            lines += [_table(idx["filtered"], keys)]
-        for s in idx.get("skipped", []):
-            lines += [f"Not run: {s}.", ""]
-    rows = report.get("two_stage")
-    if rows:
-        lines += ["", "## CLARE vs two-stage by gallery size", ""]
-        table = []
-        for r in rows:
-            for method in ("clare", "clare_exact", "two_stage"):
-                a, lat = (r["accuracy"] or {}).get(method, {}), r["latency"][method.replace("_exact", "")]
-                names = {"clare": "CLARE (gallery search)", "clare_exact": "CLARE (exact protocol)"}
-                table.append(
-                    {
-                        "images": r["images"],
-                        "method": names.get(method, f"two-stage (m={r['m']})"),
-                        "queries (accuracy)": r["queries_accuracy"] or None,
-                        "p50_ms": lat["p50_ms"],
-                        "p95_ms": lat["p95_ms"],
-                        "BR@1": a.get("BR@1(0.5)"),
-                        "BR@10": a.get("BR@10(0.5)"),
-                        "mBR@1": a.get("mBR@1(0.5)"),
-                        "mBR@5": a.get("mBR@5(0.5)"),
-                        "mBR@10": a.get("mBR@10(0.5)"),
-                        "stages (p50 ms)": ", ".join(f"{k} {v:.2f}" for k, v in lat["stages_p50_ms"].items()),
-                    }
-                )
-        lines += [
-            "Accuracy over a sample of test expressions whose image is in the gallery (τ = 0.5; mBR = multi-positive; "
-            "– where the gallery has no exact answer sets); latency over 100 single queries (CLARE: the gallery's "
-            "search; the exact protocol row repeats it).",
-            "",
-            _table(table, list(table[0])),
-        ]
-    e2e = report.get("end_to_end")
-    if e2e:
-        lines += ["", f"## End to end ({e2e['images']:,}-image gallery, {e2e['requests']} requests per row)", ""]
-        table = [
-            {"server": k.rsplit("_c", 1)[0], "concurrency": int(k.rsplit("_c", 1)[1]), **v}
-            for k, v in e2e["rows"].items()
-        ]
-        lines += [_table(table, ["server", "concurrency", "p50_ms", "p95_ms", "p99_ms", "qps"])]
-        if e2e.get("triton_skipped"):
-            lines += [f"Triton rows skipped: {e2e['triton_skipped']}", ""]
-    cl = report.get("cluster")
-    if cl:
-        lines += [
-            "",
-            f"## On Ray ({cl['images']:,}-image gallery, {cl['instances']:,} instances, {cl['requests']} unique "
-            f"requests per row, a local cluster of {cl['nodes']} nodes on this host)",
-            "",
-            "The embedded engine beside the Ray Serve app (front deployment + one deployment per shard, one replica "
-            "each), closed-loop load. On this host every node shares the same cores: the rows measure what Ray adds "
-            "(HTTP proxy, fan-out, serialisation), not a speed-up.",
-            "",
-        ]
-        table = [
-            {"server": k.rsplit("_c", 1)[0], "concurrency": int(k.rsplit("_c", 1)[1]), **v}
-            for k, v in cl["rows"].items()
-        ]
-        lines += [_table(table, ["server", "concurrency", "p50_ms", "p95_ms", "p99_ms", "qps"])]
-        ix = cl["indexing"]
-        lines += [
-            f"Indexing {ix['images']} images: one `reir index` process {ix['one_process_images_per_s']} images/s; "
-            "`reir cluster index` with 1, 2, 4 encoder actors: "
-            + ", ".join(f"{v} images/s" for v in ix["ray"].values())
-            + " (more actors than cores only compete here).",
-            "",
-        ]
-    lines += ["", "Section wall times (s): " + ", ".join(f"{k} {v}" for k, v in report["seconds"].items()), ""]
-    return "\n".join(lines)
+
+
+def _stages(st: dict) -> list[str]:
+    return [
+        "",
+        "## Where the time goes",
+        "",
+        "One query, median per stage:",
+        "",
+        _table([st["query"]], list(st["query"])),
+        "One indexed image:",
+        "",
+        _table([st["image"]], list(st["image"])),
+        "Indexing throughput (`Gallery.add_images`: hash, read, detect, SQLite + index):",
+        "",
+        _table(st["indexing"], ["threads", "batch", "images_per_s"]),
+    ]
+
+
+INDEX_COLUMNS = [
+    "vectors",
+    "design",
+    "setting",
+    "top1",
+    "top10",
+    "recall10",
+    "p50_ms",
+    "p99_ms",
+    "build_s",
+    "bytes_resident",
+    "bytes_disk",
+]
+
+
+def _indexes(idx: dict) -> list[str]:
+    lines = [
+        "",
+        "## Search at scale (the model's vectors at their real dimension)",
+        "",
+        f"{idx['queries']} held-out test expressions per tier; truth = the exact ranking over the stored f16 "
+        "vectors; every design's candidates are scored exactly and reduced to the best instance per image. "
+        "Latency: one query at a time, one thread. Bytes per instance: `resident` = what every query touches "
+        "(for the gallery: its codes, keys and image ids; its f16 vectors are memory-mapped and only the "
+        "re-ranked rows are read), `disk` = the whole gallery directory (SQLite included).",
+        "",
+        _table(idx["rows"], INDEX_COLUMNS),
+    ]
+    if idx.get("filtered"):
+        lines += ["Filtered search (a tag on 1 % of the images), beside the unfiltered search in the same run:", ""]
+        keys = ["vectors", "top1", "top10", "filtered_p50_ms", "filtered_p99_ms", "unfiltered_p50_ms", "ratio_p50"]
+        lines += [_table(idx["filtered"], keys)]
+    return lines + [line for s in idx.get("skipped", []) for line in (f"Not run: {s}.", "")]
+
+
+def _two_stage(rows: list[dict]) -> list[str]:
+    names = {"clare": "CLARE (gallery search)", "clare_exact": "CLARE (exact protocol)"}
+    table = []
+    for r in rows:
+        for method in ("clare", "clare_exact", "two_stage"):
+            a, lat = (r["accuracy"] or {}).get(method, {}), r["latency"][method.replace("_exact", "")]
+            table.append(
+                {
+                    "images": r["images"],
+                    "method": names.get(method, f"two-stage (m={r['m']})"),
+                    "queries (accuracy)": r["queries_accuracy"] or None,
+                    "p50_ms": lat["p50_ms"],
+                    "p95_ms": lat["p95_ms"],
+                    "BR@1": a.get("BR@1(0.5)"),
+                    "BR@10": a.get("BR@10(0.5)"),
+                    "mBR@1": a.get("mBR@1(0.5)"),
+                    "mBR@5": a.get("mBR@5(0.5)"),
+                    "mBR@10": a.get("mBR@10(0.5)"),
+                    "stages (p50 ms)": ", ".join(f"{k} {v:.2f}" for k, v in lat["stages_p50_ms"].items()),
+                }
+            )
+    return [
+        "",
+        "## CLARE vs two-stage by gallery size",
+        "",
+        "Accuracy over a sample of test expressions whose image is in the gallery (τ = 0.5; mBR = multi-positive; "
+        "– where the gallery has no exact answer sets); latency over 100 single queries (CLARE: the gallery's "
+        "search; the exact protocol row repeats it).",
+        "",
+        _table(table, list(table[0])),
+    ]
+
+
+def _serving_table(rows: dict) -> str:
+    table = [{"server": k.rsplit("_c", 1)[0], "concurrency": int(k.rsplit("_c", 1)[1]), **v} for k, v in rows.items()]
+    return _table(table, ["server", "concurrency", "p50_ms", "p95_ms", "p99_ms", "qps"])
+
+
+def _end_to_end(e2e: dict) -> list[str]:
+    lines = ["", f"## End to end ({e2e['images']:,}-image gallery, {e2e['requests']} requests per row)", ""]
+    lines += [_serving_table(e2e["rows"])]
+    if e2e.get("triton_skipped"):
+        lines += [f"Triton rows skipped: {e2e['triton_skipped']}", ""]
+    return lines
+
+
+def _cluster(cl: dict) -> list[str]:
+    ix = cl["indexing"]
+    return [
+        "",
+        f"## On Ray ({cl['images']:,}-image gallery, {cl['instances']:,} instances, {cl['requests']} unique "
+        f"requests per row, a local cluster of {cl['nodes']} nodes on this host)",
+        "",
+        "The embedded engine beside the Ray Serve app (front deployment + one deployment per shard, one replica "
+        "each), closed-loop load. On this host every node shares the same cores: the rows measure what Ray adds "
+        "(HTTP proxy, fan-out, serialisation), not a speed-up.",
+        "",
+        _serving_table(cl["rows"]),
+        f"Indexing {ix['images']} images: one `reir index` process {ix['one_process_images_per_s']} images/s; "
+        "`reir cluster index` with 1, 2, 4 encoder actors: "
+        + ", ".join(f"{v} images/s" for v in ix["ray"].values())
+        + " (more actors than cores only compete here).",
+        "",
+    ]

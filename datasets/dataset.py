@@ -7,12 +7,9 @@ serving host can use it without torch.
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 Box = tuple[float, float, float, float]  # xyxy, original-image pixels
 
@@ -128,10 +125,6 @@ class Dataset:
             }
         return out
 
-    def type_counts(self, split: str | None = None) -> Counter:
-        exprs = self.expressions.values() if split is None else self.split_expressions(split)
-        return Counter(e.type or "unknown" for e in exprs)
-
 
 def gallery_split(split: str) -> str:
     """`test-novel` queries search the `test` gallery: same images, new phrasings."""
@@ -146,7 +139,3 @@ def xywh_to_xyxy(b: list[float] | tuple[float, ...]) -> Box:
 def xyxy_to_xywh(b: Box) -> list[float]:
     x1, y1, x2, y2 = b
     return [x1, y1, x2 - x1, y2 - y1]
-
-
-def boxes_array(boxes: list[Box]) -> np.ndarray:
-    return np.asarray(boxes, dtype=np.float32).reshape(-1, 4)

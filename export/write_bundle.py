@@ -1,4 +1,4 @@
-"""`reir export CHECKPOINT --out BUNDLE`: graphs, gates, tokenizer and manifest, atomically.
+"""`reir export bundle CHECKPOINT --out BUNDLE`: graphs, gates, tokenizer and manifest, atomically.
 
 Everything is built in a temporary directory beside BUNDLE and renamed into place only
 after every gate passed, so a directory at BUNDLE is always a complete, gated bundle.
@@ -11,6 +11,7 @@ import platform
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -41,6 +42,22 @@ from .vocab import kept_ids, trim_embedding, trim_tokenizer
 PRECISIONS = ("fp32", "fp16", "w16", "int8")
 
 
+@dataclass
+class _Probe:
+    """The probe set every gate measures on, and the models compared there."""
+
+    ds: Any
+    hw: tuple[int, int]
+    ref: tuple  # PyTorch (detector, text encoder)
+    fp32: tuple  # the fp32 ONNX graphs in ONNX Runtime
+    ties: tuple  # where the model's own choices tie (MORE routing, proposal ranks)
+    text: dict[str, Any]  # the bundle's tokenizer entry
+
+    def encoders(self, text_graph: Path, visual_graph: Path, tokenizer_root: Path):
+        tok = Bundle(tokenizer_root, {"text": self.text}).tokenizer()
+        return VisualEncoder(visual_graph), TextEncoder(text_graph, tok)
+
+
 def export_bundle(
     checkpoint: Path,
     out: Path,
@@ -55,90 +72,32 @@ def export_bundle(
     vocab: int | None = None,
     log=print,
 ) -> dict[str, Any]:
-    """`vocab`: trim the text vocabulary to its `vocab` most frequent tokens plus every token of
-    the synthetic grammar (export/vocab.py); gated like a reduced precision."""
+    """Export, gate fp32 against PyTorch, reduce (precision, vocabulary) and gate that against
+    fp32, then write graphs, manifest and query sample. `vocab`: trim the text vocabulary to
+    its `vocab` most frequent tokens plus every token of the synthetic grammar (export/vocab.py)."""
     if precision not in PRECISIONS:
         raise ValueError(f"--precision must be one of {PRECISIONS}, got {precision!r}")
     checkpoint = Path(checkpoint)
     cfg, model = load_model(checkpoint)
     hw = static_shape or (cfg.model.image_size, cfg.model.image_size)
     static_batch = max_batch if static_shape else None
-    max_length = cfg.model.text.max_length
-    hf_tok = load_tokenizer(cfg.model.text)
     with atomic_directory(out, overwrite=overwrite) as tmp:
         work = tmp / ".work"
         work.mkdir()
         t0 = time.perf_counter()
-        log(f"exporting ONNX graphs (opset {OPSET}, input {hw[0]}x{hw[1]}, top-{topk}, NMS {nms_iou})")
-        export_text(model, work / "text_fp32.onnx", static_batch, max_length)
-        export_visual(model, work / "visual_fp32.onnx", hw, topk, nms_iou, static_batch)
-        text = _write_tokenizer(hf_tok, tmp, max_length, pad_to_max=bool(static_batch) or model.text.siglip)
-        log(f"probe set: {probe_images} synthetic gallery images (seed {G.PROBE_SEED})")
-        ds = G.probe_set(work, probe_images)
-
-        def ort_fns(text_graph: Path, visual_graph: Path, tokenizer_root: Path = tmp):
-            tok = Bundle(tokenizer_root, {"text": text}).tokenizer()
-            return VisualEncoder(visual_graph), TextEncoder(text_graph, tok)
-
-        ecfg = EvalConfig(topk=topk, nms_iou=nms_iou)
-        ref = (torch_detector(model, ecfg), torch_text_encoder(model, hf_tok))
-        ties = (routing_alternatives(model, ref[1]), proposal_alternatives(model, ecfg))
-        shutil.copyfile(tmp / "tokenizer.json", work / "tokenizer.json")
-        fp32 = ort_fns(work / "text_fp32.onnx", work / "visual_fp32.onnx", work)
-        log("gate: fp32 ONNX vs PyTorch")
-        ref_metrics, fp32_metrics = G.retrieval(ref, ds, hw), G.retrieval(fp32, ds, hw)
-        parity = {"fp32_vs_pytorch": G.parity(ref, fp32, ds, hw)}
-        gates = G.gate_fp32(parity["fp32_vs_pytorch"], ref_metrics, fp32_metrics)
-        log(G.format_gates(gates))
-        if not all(g.passed for g in gates):
-            raise G.GateError("fp32 ONNX", gates)
-        text_graph, visual_graph, metrics = work / "text_fp32.onnx", work / "visual_fp32.onnx", fp32_metrics
+        probe = _export_and_probe(model, cfg, tmp, work, hw, topk, nms_iou, static_batch, probe_images, log)
+        ref_metrics, metrics, parity, gates = _gate_fp32(probe, log)
         graph_precision = {"text_encoder": "fp32", "visual_encoder": "fp32"}
-        notes: list[str] = []
+        text_graph, visual_graph, notes = work / "text_fp32.onnx", work / "visual_fp32.onnx", []
         if vocab:
-            text["vocabulary"] = _trim_vocabulary(tmp, work, vocab, log)
-            notes.append(text["vocabulary"]["note"])
+            probe.text["vocabulary"] = _trim_vocabulary(tmp, work, vocab, log)
+            notes.append(probe.text["vocabulary"]["note"])
         if precision != "fp32" or vocab:
-            text_graph, visual_graph = _convert(precision, work)
-            graph_precision = {
-                "text_encoder": precision,
-                "visual_encoder": "fp32" if precision == "int8" else precision,
-            }
-            while True:
-                cand = ort_fns(text_graph, visual_graph)
-                log(f"gate: {precision}{' + trimmed vocabulary' if vocab else ''} vs fp32 ONNX")
-                metrics = G.retrieval(cand, ds, hw)
-                label = f"{precision}{'_vocab' if vocab else ''}_vs_fp32"
-                parity[label] = G.parity(fp32, cand, ds, hw, *ties)
-                reduced = G.gate_reduced(precision, parity[label], fp32_metrics, metrics)
-                log(G.format_gates(reduced))
-                if ties[0]:
-                    flips = parity[label]["query_routing_flips"]
-                    log(f"  text queries that took another MORE routing at a tie: {flips:.1%}")
-                flips = parity[label]["instance_proposal_flips"]
-                log(f"  instances that took another proposal ranking at a tie: {flips:.1%}")
-                text_only = [g for g in reduced if not g.passed] == [reduced[0]]
-                if precision == "fp16" and text_only and graph_precision["text_encoder"] == "fp16":
-                    # MORE routes each query to its top-2 experts: near a tie, fp16 noise in the
-                    # encoder flips the choice. The text encoder runs once per query, so keep it
-                    # fp32 and the (costly, per gallery image) visual graph fp16.
-                    log("text encoder: fp16 failed its gate; keeping it fp32 in this bundle")
-                    text_graph, graph_precision["text_encoder"] = work / "text_fp32.onnx.in", "fp32"
-                    notes.append(f"fp16 text encoder refused (query min cosine {reduced[0].value:.4f}); kept fp32")
-                    continue
-                break
-            if not all(g.passed for g in reduced):
-                raise G.GateError(f"{precision}{' + trimmed vocabulary' if vocab else ''} ONNX", reduced)
-            gates += reduced
-        graphs = {}
-        for name, src in (("text_encoder", text_graph), ("visual_encoder", visual_graph)):
-            shutil.copyfile(src, tmp / f"{name}.onnx")
-            graphs[name] = {"file": f"{name}.onnx", "optimized": None}
-            if optimized_copy and precision != "w16":  # the optimised copy folds the fp16 weights back to fp32
-                optimize(tmp / f"{name}.onnx", tmp / f"{name}.optimized.onnx")
-                graphs[name]["optimized"] = f"{name}.optimized.onnx"
-
-        latency = _latency(tmp, graphs, text, ds, hw)
+            text_graph, visual_graph, graph_precision, metrics = _reduce(
+                probe, precision, bool(vocab), tmp, work, metrics, parity, gates, notes, log
+            )
+        graphs = _install_graphs(tmp, text_graph, visual_graph, optimized_copy and precision != "w16")
+        latency = _latency(tmp, graphs, probe.text, probe.ds, hw)
         shutil.rmtree(work)
         manifest = {
             "format": FORMAT,
@@ -153,23 +112,10 @@ def export_bundle(
             "nms_iou": nms_iou,
             "static": static_batch is not None,
             "max_batch": max_batch,
-            "image": {
-                "height": hw[0],
-                "width": hw[1],
-                "layout": "NHWC",
-                "dtype": "uint8",
-                "channels": "RGB",
-                "resize": "client side: Pillow bilinear to height x width, no letterbox (reir.engine.runtime.image)",
-                "normalisation": "inside the graph: x / 255",
-                "boxes": "xyxy in input pixels; scale by original / input size",
-            },
-            "text": text,
+            "image": _image_contract(hw),
+            "text": probe.text,
             "graphs": graphs,
-            "source": {
-                "checkpoint": checkpoint.name,
-                "sha256": sha256_file(checkpoint),
-                "config": cfg.to_dict(),
-            },
+            "source": {"checkpoint": checkpoint.name, "sha256": sha256_file(checkpoint), "config": cfg.to_dict()},
             "probe": {
                 "images": probe_images,
                 "seed": G.PROBE_SEED,
@@ -183,17 +129,112 @@ def export_bundle(
             "versions": _versions(),
             "export_seconds": round(time.perf_counter() - t0, 1),
         }
-        manifest["files"] = {
-            p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-            for p in sorted(tmp.iterdir())
-            if p.is_file() and p.name != "manifest.json"
-        }
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-        texts, source = _training_expressions(cfg, work_root=out.parent)
-        manifest["query_sample"] = write_query_sample(tmp, texts, source)
-        log(f"query sample: {manifest['query_sample']['count']} vectors ({source})")
+        _seal(tmp, manifest, cfg, out, log)
     log(f"bundle written: {out} ({precision}, {manifest['export_seconds']} s)")
     return manifest
+
+
+def _export_and_probe(model, cfg, tmp: Path, work: Path, hw, topk, nms_iou, static_batch, probe_images, log) -> _Probe:
+    """The fp32 graphs and the tokenizer, written; the probe set, generated."""
+    max_length = cfg.model.text.max_length
+    hf_tok = load_tokenizer(cfg.model.text)
+    log(f"exporting ONNX graphs (opset {OPSET}, input {hw[0]}x{hw[1]}, top-{topk}, NMS {nms_iou})")
+    export_text(model, work / "text_fp32.onnx", static_batch, max_length)
+    export_visual(model, work / "visual_fp32.onnx", hw, topk, nms_iou, static_batch)
+    text = _write_tokenizer(hf_tok, tmp, max_length, pad_to_max=bool(static_batch) or model.text.siglip)
+    shutil.copyfile(tmp / "tokenizer.json", work / "tokenizer.json")
+    log(f"probe set: {probe_images} synthetic gallery images (seed {G.PROBE_SEED})")
+    ds = G.probe_set(work, probe_images)
+    ecfg = EvalConfig(topk=topk, nms_iou=nms_iou)
+    ref = (torch_detector(model, ecfg), torch_text_encoder(model, hf_tok))
+    ties = (routing_alternatives(model, ref[1]), proposal_alternatives(model, ecfg))
+    probe = _Probe(ds, hw, ref, (), ties, text)
+    probe.fp32 = probe.encoders(work / "text_fp32.onnx", work / "visual_fp32.onnx", work)
+    return probe
+
+
+def _gate_fp32(probe: _Probe, log) -> tuple[dict, dict, dict, list]:
+    """fp32 ONNX against PyTorch: (PyTorch metrics, fp32 metrics, parity, gates); GateError if it fails."""
+    log("gate: fp32 ONNX vs PyTorch")
+    ref_metrics = G.retrieval(probe.ref, probe.ds, probe.hw)
+    fp32_metrics = G.retrieval(probe.fp32, probe.ds, probe.hw)
+    parity = {"fp32_vs_pytorch": G.parity(probe.ref, probe.fp32, probe.ds, probe.hw)}
+    gates = G.gate_fp32(parity["fp32_vs_pytorch"], ref_metrics, fp32_metrics)
+    log(G.format_gates(gates))
+    if not all(g.passed for g in gates):
+        raise G.GateError("fp32 ONNX", gates)
+    return ref_metrics, fp32_metrics, parity, gates
+
+
+def _reduce(probe: _Probe, precision: str, vocab: bool, tmp: Path, work: Path, fp32_metrics, parity, gates, notes, log):
+    """The reduced graphs, gated against fp32 ONNX (extends `parity`, `gates`, `notes`):
+    (text graph, visual graph, precision per graph, their metrics). An fp16 text encoder that
+    fails its gate alone is kept fp32 (MORE's top-2 routing flips near ties under fp16 noise;
+    the text encoder runs once per query, the costly visual graph once per gallery image)."""
+    text_graph, visual_graph = _convert(precision, work)
+    graph_precision = {"text_encoder": precision, "visual_encoder": "fp32" if precision == "int8" else precision}
+    what = f"{precision}{' + trimmed vocabulary' if vocab else ''}"
+    label = f"{precision}{'_vocab' if vocab else ''}_vs_fp32"
+    while True:
+        cand = probe.encoders(text_graph, visual_graph, tmp)
+        log(f"gate: {what} vs fp32 ONNX")
+        metrics = G.retrieval(cand, probe.ds, probe.hw)
+        parity[label] = G.parity(probe.fp32, cand, probe.ds, probe.hw, *probe.ties)
+        reduced = G.gate_reduced(precision, parity[label], fp32_metrics, metrics)
+        log(G.format_gates(reduced))
+        if probe.ties[0]:
+            log(f"  text queries that took another MORE routing at a tie: {parity[label]['query_routing_flips']:.1%}")
+        log(f"  instances that took another proposal ranking at a tie: {parity[label]['instance_proposal_flips']:.1%}")
+        text_only = [g for g in reduced if not g.passed] == [reduced[0]]
+        if precision == "fp16" and text_only and graph_precision["text_encoder"] == "fp16":
+            log("text encoder: fp16 failed its gate; keeping it fp32 in this bundle")
+            text_graph, graph_precision["text_encoder"] = work / "text_fp32.onnx.in", "fp32"
+            notes.append(f"fp16 text encoder refused (query min cosine {reduced[0].value:.4f}); kept fp32")
+            continue
+        break
+    if not all(g.passed for g in reduced):
+        raise G.GateError(f"{what} ONNX", reduced)
+    gates += reduced
+    return text_graph, visual_graph, graph_precision, metrics
+
+
+def _install_graphs(tmp: Path, text_graph: Path, visual_graph: Path, optimized_copy: bool) -> dict[str, Any]:
+    """The graphs into the bundle, with ONNX Runtime's optimised copies where asked (not for
+    w16: the optimised copy folds the fp16 weights back to fp32)."""
+    graphs = {}
+    for name, src in (("text_encoder", text_graph), ("visual_encoder", visual_graph)):
+        shutil.copyfile(src, tmp / f"{name}.onnx")
+        graphs[name] = {"file": f"{name}.onnx", "optimized": None}
+        if optimized_copy:
+            optimize(tmp / f"{name}.onnx", tmp / f"{name}.optimized.onnx")
+            graphs[name]["optimized"] = f"{name}.optimized.onnx"
+    return graphs
+
+
+def _image_contract(hw: tuple[int, int]) -> dict[str, Any]:
+    return {
+        "height": hw[0],
+        "width": hw[1],
+        "layout": "NHWC",
+        "dtype": "uint8",
+        "channels": "RGB",
+        "resize": "client side: Pillow bilinear to height x width, no letterbox (reir.engine.runtime.image)",
+        "normalisation": "inside the graph: x / 255",
+        "boxes": "xyxy in input pixels; scale by original / input size",
+    }
+
+
+def _seal(tmp: Path, manifest: dict[str, Any], cfg, out: Path, log) -> None:
+    """Checksums of every file, the manifest, then the query sample (which adds itself)."""
+    manifest["files"] = {
+        p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+        for p in sorted(tmp.iterdir())
+        if p.is_file() and p.name != "manifest.json"
+    }
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    texts, source = _training_expressions(cfg, work_root=out.parent)
+    manifest["query_sample"] = write_query_sample(tmp, texts, source)
+    log(f"query sample: {manifest['query_sample']['count']} vectors ({source})")
 
 
 def _training_expressions(cfg, work_root: Path) -> tuple[list[str], str]:

@@ -145,7 +145,3 @@ class CLARE(nn.Module):
 
 def build_model(cfg: ModelConfig) -> CLARE:
     return CLARE(cfg)
-
-
-def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)

@@ -121,11 +121,6 @@ def expression_type(logic: Logic) -> str:
     return "attribute"
 
 
-def required_attributes(logic: Logic) -> dict[str, str]:
-    """Constraints any satisfying object must meet (used to prefilter a gallery)."""
-    return dict(logic["target"])
-
-
 _H_MIRROR = {"left": "right", "right": "left", "center": "center"}
 _REL_MIRROR = {"left_of": "right_of", "right_of": "left_of"}
 

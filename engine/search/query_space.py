@@ -1,9 +1,10 @@
 """The query space: the few directions that text queries actually use.
 
 A query vector is one pooled text embedding mapped through a linear head, and its energy
-sits in a low-dimensional subspace: on the shipped model 128 of 448 directions hold 99 % of
-it. A score is q . x, so only x's component in that subspace matters up to q's small
-residual, and a search can rank candidates there, then re-rank exactly. The directions come
+sits in a low-dimensional subspace: on the shipped model 107 of its 448 directions hold
+99 % of it (`reir gallery info` shows a gallery's count). A score is q . x, so only x's
+component in that subspace matters up to q's small residual, and a search can rank
+candidates there, then re-rank exactly. The directions come
 from a sample of real query vectors (the bundle's, or a deployment's own query log): the
 top right singular vectors of the sample, uncentred, because scores are uncentred dot
 products.
