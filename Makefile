@@ -48,14 +48,14 @@ triton-env: $(TRITON_ENV)/.installed
 test: $(VENV)/.installed-test $(TRITON_ENV)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/python -m pytest --durations=15
+	$(BIN)/python -m pytest -n auto --durations=15
 
 # Everyday work: all but the tiers that train, export, start servers or build large galleries
 # (tests/conftest.py lists them); under 3 minutes on the 2-core machine.
 FAST := not (train or export or triton or cluster or scale or bench)
 test-fast: $(VENV)/.installed-test
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -m "$(FAST)" -q
+	$(BIN)/python -m pytest -n auto -m "$(FAST)" -q
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check .

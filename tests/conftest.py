@@ -24,6 +24,11 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # it is imported, and sends no usage report (docs/cluster.md).
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Under pytest-xdist each worker has a core to itself: one compute thread each (torch,
+# BLAS, ONNX Runtime's and the subprocesses' defaults), not two workers fighting over both.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ.setdefault(var, "1")
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_CONFIG = ROOT / "configs" / "synth_tiny.yaml"
@@ -31,14 +36,45 @@ SERVER_PYTHON = Path(os.environ.get("REIR_TRITON_PYTHON", ROOT / ".venv-triton" 
 
 
 FIXTURE_TIERS = {"tiny_run": "train", "tiny_bundle": "export", "triton": "triton"}
+# `make test` runs pytest-xdist workers. A group runs on one worker, so an expensive session
+# fixture is built once: the modules that use the tiny model share one group, the two that
+# use the shared tritonserver another, every other module is its own. The longest groups
+# come first, so that they start at once and the short ones fill in around them.
+GROUPS = {
+    "test_export": "tiny",
+    "test_training_tiny": "tiny",
+    "test_training_ema": "tiny",
+    "test_triton": "servers",
+    "test_conformance": "servers",
+}
+FIRST = ("tiny", "servers", "test_benchmarks", "test_cluster", "test_search_at_scale", "test_index_damage")
+
+
+def group_of(nodeid: str) -> str:
+    module = nodeid.split("::", 1)[0].rsplit("/", 1)[-1].removesuffix(".py")
+    return GROUPS.get(module, module)
 
 
 def pytest_collection_modifyitems(items):
-    """A test that uses a tier's fixture is in that tier, whether or not its module says so."""
+    """A test that uses a tier's fixture is in that tier, whether or not its module says so;
+    the longest groups run first (a stable sort: each module stays together)."""
     for item in items:
         for fixture, mark in FIXTURE_TIERS.items():
             if fixture in getattr(item, "fixturenames", ()):
                 item.add_marker(getattr(pytest.mark, mark))
+    rank = {g: i for i, g in enumerate(FIRST)}
+    items.sort(key=lambda item: rank.get(group_of(item.nodeid), len(FIRST)))
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """Whole groups to a worker (xdist's own `loadgroup` does not group under pytest 9)."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class GroupScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return group_of(nodeid)
+
+    return GroupScheduling(config, log)
 
 
 def same_response(a, b, where: str = "") -> None:

@@ -326,9 +326,13 @@ def test_the_whole_indexing_job_killed_then_rerun_finishes_exactly_once(synth_sm
     shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
-def test_the_replica_listener_shim_is_needed_and_works(tmp_path):
+def test_the_replica_listener_shim_is_needed_and_works(served):
     """Serve binds each replica's inter-deployment gRPC server on every interface; the shim
-    (cluster/compat.py) keeps it on the node's address. Two deployments, one without it."""
+    (cluster/compat.py) keeps it on the node's address. Two more apps on the served cluster,
+    one whose deployment skips the shim."""
+    import os
+
+    import psutil
     from ray import serve
 
     from reir.cluster.compat import RayIncompatible, check_version, keep_replica_listener_on_node
@@ -346,19 +350,16 @@ def test_the_replica_listener_shim_is_needed_and_works(tmp_path):
         def pid(self) -> int:
             return os.getpid()
 
-    import os
-
-    import psutil
-
     def listening(pid: int) -> set[str]:
         return {c.laddr.ip for c in psutil.Process(pid).net_connections("inet") if c.status == psutil.CONN_LISTEN}
 
-    with LocalCluster(nodes=1, cpus=2):
-        serve.start(http_options={"host": "127.0.0.1", "port": PORT + 1})
-        plain = serve.run(Plain.bind(), name="plain", route_prefix="/plain")
-        shimmed = serve.run(Shimmed.bind(), name="shimmed", route_prefix="/shimmed")
+    plain = serve.run(Plain.bind(), name="plain", route_prefix="/plain")
+    shimmed = serve.run(Shimmed.bind(), name="shimmed", route_prefix="/shimmed")
+    try:
         wide, narrow = listening(plain.pid.remote().result()), listening(shimmed.pid.remote().result())
-        serve.shutdown()
+    finally:
+        serve.delete("plain")
+        serve.delete("shimmed")
     assert wide & {"::", "0.0.0.0"}, wide  # needed: without it a replica listens on every interface
     assert narrow and _loopback(narrow), narrow  # works: with it, on loopback only
     with pytest.raises(RayIncompatible, match=r"tested with Ray 2\.58, 2\.59, 2\.60"):

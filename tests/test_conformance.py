@@ -75,13 +75,17 @@ def _body(case) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def serve_url(served_root, tmp_path_factory):
+def serve_url(served_root):
     """`reir cluster serve` over the root: its own Ray instance, loopback only."""
     from reir.engine.serving.triton_server import free_port
 
     root, _ = served_root
     port = free_port()
-    env = dict(os.environ, RAY_TMPDIR=str(tmp_path_factory.mktemp("ray")))
+    import shutil
+    import tempfile
+
+    ray_tmp = tempfile.mkdtemp(prefix="reir-ray-", dir="/tmp")  # Ray's socket paths must stay under 107 bytes
+    env = dict(os.environ, RAY_TMPDIR=ray_tmp)
     cmd = [sys.executable, "-m", "reir.cli", "cluster", "serve", "--root", str(root), "--gallery", "main", "other"]
     cmd += ["--default", "main", "--port", str(port)]
     proc = subprocess.Popen(
@@ -103,6 +107,7 @@ def serve_url(served_root, tmp_path_factory):
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(10)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

@@ -25,6 +25,7 @@ pytestmark = pytest.mark.scale
 def big(tmp_path_factory):
     from reir.datasets.synth import SynthConfig, generate
     from reir.engine.gallery.gallery import Gallery
+    from reir.engine.gallery.records import NewImage
     from reir.engine.runtime.bundle import default_bundle
     from reir.engine.runtime.engine import Engine
 
@@ -33,13 +34,16 @@ def big(tmp_path_factory):
     ds, _ = generate(root / "data", cfg, progress=False)
     engine = Engine.open(default_bundle(), threads=2)
     g = Gallery.for_bundle(root / "g", engine.bundle)
-    paths = [ds.image_path(i) for i in sorted(ds.images)]
-    tags = {i: {"bucket": str(n % 50)} for n, i in enumerate(sorted(ds.images))}
-    for start in range(0, len(paths), 425):  # four batches, each with its own tags
-        ids = sorted(ds.images)[start : start + 425]
-        for bucket in {tags[i]["bucket"] for i in ids}:
-            chosen = [ds.image_path(i) for i in ids if tags[i]["bucket"] == bucket]
-            g.add_images(chosen, engine, tags={"bucket": bucket})
+    ids = sorted(ds.images)
+    for start in range(0, len(ids), 425):  # four batches, each image with its own tag
+        chosen = ids[start : start + 425]
+        dets = engine.detect([ds.image_path(i) for i in chosen])
+        news = [
+            NewImage(str(ds.image_path(i)), f"{i:064x}", 128, 128, 0, d, {"bucket": str(n % 50)})
+            for n, (i, d) in enumerate(zip(chosen, dets, strict=True), start)
+        ]
+        g.add(news, save_index=False)
+    g.save()
     texts = [e.text for e in sorted(ds.split_expressions("test"), key=lambda e: e.id)]
     texts = [texts[i] for i in np.random.default_rng(0).permutation(len(texts))[:QUERIES]]
     yield engine, g, texts, root
