@@ -37,6 +37,38 @@ def test_large_gallery_uses_its_index_and_agrees(tmp_path):
     g.close()
 
 
+def test_the_partitioned_design_grows_without_retraining_and_relists_its_rows(tmp_path):
+    """ivf-pq: every row in two cells after the build; a 2 % append goes to one cell each with
+    the same training; growth past a tenth lists every row again, still without retraining;
+    answers equal the exact ranking throughout, and a reopened gallery serves the same."""
+    rng = np.random.default_rng(3)
+    g = Gallery.create(tmp_path / "g", 64, queries=sample(rng, dim=64), candidates="ivf-pq")
+    g.add(images(rng, 1000, per=24, dim=64))
+    index = g.shards[0].index
+    cand, train_id = index.candidates_index, index.manifest["candidates"]["train_id"]
+    assert index.uses_candidates and cand.spilled == cand.rows == 24_000 and cand.ivf.ntotal == 48_000
+    queries = sample(np.random.default_rng(1), 20, dim=64)
+
+    def agree() -> bool:
+        return all(
+            [h.instance_key for h in g.search(q, k=5, per_image=False)[0]] == exact_keys(g, q, 5) for q in queries
+        )
+
+    assert agree()
+    g.add(images(rng, 20, 1000, per=24, dim=64))
+    cand = g.shards[0].index.candidates_index
+    assert (cand.spilled, cand.listed, cand.ivf.ntotal) == (24_000, 24_480, 48_480)
+    assert g.shards[0].index.manifest["candidates"]["train_id"] == train_id and agree()
+    g.add(images(rng, 200, 1020, per=24, dim=64))  # now 18 % of the rows are in one cell only
+    cand = g.shards[0].index.candidates_index
+    assert cand.spilled == cand.listed == 29_280 and cand.ivf.ntotal == 2 * 29_280
+    assert g.shards[0].index.manifest["candidates"]["train_id"] == train_id and agree()
+    g.close()
+    g = Gallery.open(tmp_path / "g")
+    assert _index(g).kind == "ivf-pq" and agree()
+    g.close()
+
+
 def test_small_gallery_is_served_by_the_faster_exact_scan(tmp_path):
     """3,600 rows of 48-d: the scan takes microseconds, the index's fixed cost far more, so the
     calibration must find the scan faster and the gallery must serve it."""

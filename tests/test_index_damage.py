@@ -22,12 +22,31 @@ DIM = 256
 DAMAGES = ("garbage", "truncated", "missing")
 
 
+# what a gallery of each design writes (checked against the real directory below)
+FILES = {
+    "projected-pq": ["codes.i8", "images.i64", "keys.i64", "manifest.json", "pq.faiss", "space.npz", "vectors.f16"],
+    "ivf-pq": ["codes.i8", "images.i64", "ivf.faiss", "keys.i64", "manifest.json", "space.npz", "vectors.f16"],
+}
+CASES = [(design, name) for design in FILES for name in FILES[design]]
+
+
 @pytest.fixture(scope="module")
-def pristine(tmp_path_factory):
+def pristines(tmp_path_factory):
+    """One pristine gallery per design, built on first use."""
+    built = {}
+
+    def get(design: str):
+        if design not in built:
+            built[design] = _pristine(tmp_path_factory.mktemp(f"damage-{design}") / "g", design)
+        return built[design]
+
+    return get
+
+
+def _pristine(path: Path, design: str):
     """30,000 rows of 256-d: large enough that its index serves (measured faster than the scan)."""
     rng = np.random.default_rng(0)
-    path = tmp_path_factory.mktemp("damage") / "g"
-    with Gallery.create(path, DIM, queries=sample(rng, dim=DIM)) as g:
+    with Gallery.create(path, DIM, queries=sample(rng, dim=DIM), candidates=design) as g:
         for start in range(0, 1250, 250):
             g.add(images(rng, 250, start, per=24, dim=DIM), save_index=False)
         g.save()
@@ -38,13 +57,15 @@ def pristine(tmp_path_factory):
     return path, files, queries, expected
 
 
-def _files():
-    # what a gallery of the default design writes (checked against the real directory below)
-    return ["codes.i8", "images.i64", "keys.i64", "manifest.json", "pq.faiss", "space.npz", "vectors.f16"]
+def test_every_design_is_covered():
+    from reir.engine.search.candidates import DESIGNS
+
+    assert sorted(FILES) == sorted(DESIGNS)
 
 
-def test_the_file_list_is_the_real_one(pristine):
-    assert pristine[1] == _files()
+@pytest.mark.parametrize("design", FILES)
+def test_the_file_list_is_the_real_one(pristines, design):
+    assert pristines(design)[1] == FILES[design]
 
 
 def _damaged(pristine, tmp_path: Path, name: str, damage: str) -> Path:
@@ -68,8 +89,9 @@ def _answers(g: Gallery, queries) -> list[list[int]]:
 
 
 @pytest.mark.parametrize("damage", DAMAGES)
-@pytest.mark.parametrize("name", _files())
-def test_a_reader_serves_the_exact_scan(pristine, tmp_path, name, damage):
+@pytest.mark.parametrize(("design", "name"), CASES)
+def test_a_reader_serves_the_exact_scan(pristines, tmp_path, design, name, damage):
+    pristine = pristines(design)
     _, _, queries, expected = pristine
     copy = _damaged(pristine, tmp_path, name, damage)
     with Gallery.open(copy, progress=False) as g:
@@ -79,15 +101,16 @@ def test_a_reader_serves_the_exact_scan(pristine, tmp_path, name, damage):
         assert any("unusable" in p for p in g.check())  # `reir gallery check` names it
 
 
-@pytest.mark.parametrize("name", _files())
-def test_a_writer_rebuilds_it(pristine, tmp_path, name):
+@pytest.mark.parametrize(("design", "name"), CASES)
+def test_a_writer_rebuilds_it(pristines, tmp_path, design, name):
+    pristine = pristines(design)
     _, _, queries, expected = pristine
     copy = _damaged(pristine, tmp_path, name, "garbage")
     with Gallery.open(copy, writable=True, progress=False) as g:
         index = g.info().per_shard[0].index
-        assert index.kind == "projected-pq" and index.damage is None and g.check() == []
+        assert index.kind == design and index.damage is None and g.check() == []
         assert _answers(g, queries) == expected
     manifest = json.loads((copy / "index" / "manifest.json").read_text())
-    assert manifest["rows"] == 30_000 and manifest["candidates"]["kind"] == "projected-pq"
+    assert manifest["rows"] == 30_000 and manifest["candidates"]["kind"] == design
     with Gallery.open(copy, progress=False) as again:  # and the rebuilt files serve the next reader
         assert again.shards[0].index.uses_candidates and _answers(again, queries) == expected

@@ -27,6 +27,7 @@ from reir.engine.search.query_space import QuerySpace
 # kind -> "module:Class"; the first is the default of a new gallery
 DESIGNS = {
     "projected-pq": "reir.engine.search.projected:ProjectedIndex",
+    "ivf-pq": "reir.engine.search.partitioned:PartitionedIndex",
 }
 DEFAULT = next(iter(DESIGNS))
 
@@ -52,14 +53,19 @@ class CandidateIndex(Protocol):
     kind: ClassVar[str]
 
     @classmethod
-    def train(cls, space: QuerySpace, sample: np.ndarray) -> CandidateIndex:
-        """An empty index fitted to `sample` (gallery vectors [n, D], a few thousand suffice)."""
+    def train(cls, space: QuerySpace, sample: np.ndarray, rows: int) -> CandidateIndex:
+        """An empty index fitted to `sample` (gallery vectors [n, D], a few thousand suffice)
+        for a gallery of about `rows` rows."""
 
     @property
     def rows(self) -> int: ...
 
     def add(self, vectors: np.ndarray) -> None:
         """Index the next rows ([n, D] float32, in row order)."""
+
+    def tidy(self, vectors) -> None:
+        """Reorganise after growth, without retraining (a writer calls it before calibrating
+        and saving); `vectors(rows)` reads stored vectors."""
 
     @classmethod
     def schedule(cls) -> Sequence[Setting]:

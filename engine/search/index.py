@@ -100,7 +100,8 @@ class SearchIndex:
             if crc32_file(root / "space.npz") != cand["space_crc"]:
                 raise IndexDamaged(f"{root / 'space.npz'}: its bytes do not match the manifest's checksum (damaged)")
             with np.load(root / "space.npz") as z:
-                space = QuerySpace(z["basis"].astype(np.float32), float(z["energy"]))
+                strength = z["strength"].astype(np.float32) if "strength" in z.files else None
+                space = QuerySpace(z["basis"].astype(np.float32), float(z["energy"]), strength)
                 if str(z["train_id"]) != cand["train_id"]:
                     raise IndexDamaged(f"{root / 'space.npz'}: trained for another manifest")
             cls = design(cand["kind"])
@@ -140,6 +141,8 @@ class SearchIndex:
                     self.candidates_index = None
                 return
             self._train(sample)
+        if train:
+            self.candidates_index.tidy(self.store.vectors)
         cal = self.manifest.get("calibration")
         if cal is None or live > RECALIBRATE * cal["rows"]:
             self.manifest["calibration"] = self.calibrate(split_sample(sample)[1], progress)
@@ -149,7 +152,7 @@ class SearchIndex:
         space = QuerySpace.fit(fit_part)
         alive = np.flatnonzero(self.store.alive.array)
         pick = np.sort(np.random.default_rng(0).choice(alive, min(len(alive), TRAIN_ROWS), replace=False))
-        index = design(self.kind).train(space, self.store.vectors(pick))
+        index = design(self.kind).train(space, self.store.vectors(pick), self.store.live)
         for s in range(0, self.store.rows, TRAIN_ROWS):
             index.add(self.store.vectors(np.arange(s, min(s + TRAIN_ROWS, self.store.rows))))
         self.candidates_index = index
@@ -167,7 +170,8 @@ class SearchIndex:
         self.manifest["calibration"] = None
         if self.root is not None:  # the old files are void from here: a kill now leaves a mismatch, so a rebuild
             with atomic_file(self.root / "space.npz") as tmp, open(tmp, "wb") as f:
-                np.savez(f, basis=space.basis, energy=space.energy, train_id=self.manifest["candidates"]["train_id"])
+                train_id = self.manifest["candidates"]["train_id"]
+                np.savez(f, basis=space.basis, energy=space.energy, strength=space.strength, train_id=train_id)
             self.manifest["candidates"]["space_crc"] = crc32_file(self.root / "space.npz")
 
     def calibrate(self, queries: np.ndarray, progress=None) -> dict:

@@ -24,6 +24,7 @@ MIN_DIMS, MAX_DIMS = 32, 256
 class QuerySpace:
     basis: np.ndarray  # [r, D] float32, orthonormal rows, by decreasing energy
     energy: float  # share of the fitting sample's energy inside the span
+    strength: np.ndarray | None = None  # [r] the sample's RMS along each direction, relative to the first
 
     @classmethod
     def fit(cls, sample: np.ndarray, energy: float = ENERGY) -> QuerySpace:
@@ -36,7 +37,8 @@ class QuerySpace:
         share = np.cumsum(s**2) / max(float(np.sum(s**2)), 1e-30)
         dims = int(np.searchsorted(share, energy) + 1)
         dims = min(max(MIN_DIMS, min(MAX_DIMS, dims)), len(vt))
-        return cls(np.ascontiguousarray(vt[:dims], np.float32), float(share[dims - 1]))
+        strength = (s[:dims] / max(float(s[0]), 1e-30)).astype(np.float32)
+        return cls(np.ascontiguousarray(vt[:dims], np.float32), float(share[dims - 1]), strength)
 
     @property
     def dims(self) -> int:
