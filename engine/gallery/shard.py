@@ -233,36 +233,39 @@ class Shard:
     def search(
         self, queries: np.ndarray, k: int, per_image: bool, tags: dict[str, str] | None, exact: bool
     ) -> list[list[Hit]]:
-        """Top-k hits per query vector (local ids), ranked by the exact dot product."""
-        return [self._search_one(q, k, per_image, tags, exact) for q in queries]
-
-    def _search_one(self, q: np.ndarray, k: int, per_image: bool, tags, exact: bool) -> list[Hit]:
+        """Top-k hits per query vector (local ids), ranked by the exact dot product; the
+        queries are searched together (one candidate call, one SQLite read)."""
         with self._lock:
             rows = None
             if tags:
                 rows = self.index.store.rows_of_images(self.tags.images(tags))
-                if not len(rows):
-                    return []
-            if self.index.store.live == 0:
-                return []
-            found, scores = self.index.search(q, k, per_image, rows, exact)
-            keys = self.index.store.keys.array[found]
-        return self._hits(keys, scores)
+            if self.index.store.live == 0 or (rows is not None and not len(rows)):
+                return [[] for _ in queries]
+            found = self.index.search_many(queries, k, per_image, rows, exact)
+            keys = [self.index.store.keys.array[r] for r, _ in found]
+        return self._hits(keys, [s for _, s in found])
 
-    def _hits(self, keys: np.ndarray, scores: np.ndarray) -> list[Hit]:
-        if len(keys) == 0:
-            return []
-        chunk = [int(x) for x in keys]
-        q = (
-            "SELECT i.key, i.image_id, i.x1, i.y1, i.x2, i.y2, i.score, m.path FROM instances i "
-            f"JOIN images m ON m.id = i.image_id WHERE i.key IN ({','.join('?' * len(chunk))})"
-        )
-        rows = {r[0]: r for r in self.db.execute(q, chunk)}
+    def _hits(self, keys: list[np.ndarray], scores: list[np.ndarray]) -> list[list[Hit]]:
+        """Each query's hits from its keys and scores, read from SQLite in one statement."""
+        wanted = sorted({int(x) for ks in keys for x in ks})
+        if not wanted:
+            return [[] for _ in keys]
+        rows = {}
+        for s in range(0, len(wanted), 30000):  # under SQLite's limit on bound parameters
+            chunk = wanted[s : s + 30000]
+            q = (
+                "SELECT i.key, i.image_id, i.x1, i.y1, i.x2, i.y2, i.score, m.path FROM instances i "
+                f"JOIN images m ON m.id = i.image_id WHERE i.key IN ({','.join('?' * len(chunk))})"
+            )
+            rows.update((r[0], r) for r in self.db.execute(q, chunk))
         out = []
-        for key, score in zip(chunk, scores, strict=True):
-            r = rows.get(key)
-            if r is not None:  # None: removed by another process since this one caught up
-                out.append(Hit(r[1], r[7], (r[2], r[3], r[4], r[5]), float(score), key, r[6]))
+        for ks, sc in zip(keys, scores, strict=True):
+            hits = []
+            for key, score in zip(ks.tolist(), sc.tolist(), strict=True):
+                r = rows.get(key)
+                if r is not None:  # None: removed by another process since this one caught up
+                    hits.append(Hit(r[1], r[7], (r[2], r[3], r[4], r[5]), score, key, r[6]))
+            out.append(hits)
         return out
 
     def stored(self, limit: int | None = None) -> Iterator[NewImage]:

@@ -92,17 +92,19 @@ def calibrate(
     images: np.ndarray,
     schedule: Sequence[Setting],
     targets: dict[str, float] = TARGETS,
+    margin: float = MARGIN,
 ) -> dict:
     """The first setting of `schedule` whose search meets `targets` on `queries`, with its
-    stage-1 budget then multiplied by MARGIN. `search(q, setting) -> (rows, exact scores)`
-    best first; `exact`: the exact top rows per query. The result records what was
-    measured, met or not: {"setting", agreement figures, "met", "p50_ms", "tried", ...}."""
+    stage-1 budget then multiplied by `margin` (the design's own, MARGIN by default).
+    `search(q, setting) -> (rows, exact scores)` best first; `exact`: the exact top rows
+    per query. The result records what was measured, met or not: {"setting", agreement
+    figures, "met", "p50_ms", "tried", ...}."""
     t0 = time.perf_counter()
     tried = []
     budget = np.array([(1 - targets[m]) * len(queries) for m in ("top1", "top10", "recall10")])
     chosen, figures = None, None
     for setting in schedule:
-        trial = setting.grown(MARGIN)
+        trial = setting.grown(margin)
         missed = np.zeros(3)
         for i, q in enumerate(queries):
             missed += 1 - np.array(query_agreement(search(q, trial), exact[i], images))
@@ -117,7 +119,7 @@ def calibrate(
         if a.meets(targets):
             break
     if figures is None or not figures.meets(targets):  # nothing met them: the last setting's figures, for the record
-        chosen = schedule[-1].grown(MARGIN)
+        chosen = schedule[-1].grown(margin)
         figures = agreement([search(q, chosen) for q in queries], exact, images)
         tried[-1] = {**schedule[-1].as_dict(), **figures.as_dict()}
     lat = []
@@ -129,7 +131,7 @@ def calibrate(
         "setting": chosen.as_dict(),
         **figures.as_dict(),
         "p50_ms": round(1000 * float(np.median(lat)), 3),
-        "margin": MARGIN,
+        "margin": margin,
         "met": figures.meets(targets),
         "targets": targets,
         "tried": tried,

@@ -51,6 +51,8 @@ class Setting(Protocol):
 
 class CandidateIndex(Protocol):
     kind: ClassVar[str]
+    # how much harder than the sample queries needed a search looks (agreement.MARGIN)
+    margin: ClassVar[float]
 
     @classmethod
     def train(cls, space: QuerySpace, sample: np.ndarray, rows: int) -> CandidateIndex:
@@ -75,8 +77,12 @@ class CandidateIndex(Protocol):
     def setting(cls, values: dict[str, int]) -> Setting:
         """A setting from its `as_dict()` (as the index manifest stores it)."""
 
-    def candidates(self, q: np.ndarray, setting: Setting, alive: np.ndarray, rows: np.ndarray | None) -> np.ndarray:
-        """At most about `setting.rerank` live rows, best first; `rows`: only these (a filter)."""
+    def candidates(
+        self, queries: np.ndarray, setting: Setting, alive: np.ndarray, rows: np.ndarray | None
+    ) -> list[np.ndarray]:
+        """Per query of `queries` [n, D]: at most about `setting.rerank` live rows, best
+        first; `rows`: only these (a filter). One call for many queries is what makes a
+        batch cheaper than its queries one by one: stage 1 reads the codes once for all."""
 
     def save(self, root: Path, state: dict[str, Any]) -> dict[str, Any]:
         """Write or extend its files under `root` (atomically, or append-only with the

@@ -184,6 +184,7 @@ class SearchIndex:
             queries,
             self.store.images.array,
             cls.schedule(),
+            margin=cls.margin,
         )
         result["rows"] = self.store.live
         # the exact scan, timed the same way: where it is the faster of the two, it serves
@@ -263,29 +264,47 @@ class SearchIndex:
     def search(self, q: np.ndarray, k: int, images: bool, rows: np.ndarray | None, exact: bool):
         """(rows, exact scores) best first: k images' best instances, or k instances.
         `rows`: only these (a filter); `exact`: scan every row."""
+        return self.search_many(np.asarray(q, np.float32)[None], k, images, rows, exact)[0]
+
+    def search_many(self, queries: np.ndarray, k: int, images: bool, rows: np.ndarray | None, exact: bool) -> list:
+        """`search` for each of `queries` [n, D], with one candidate call for all of them."""
         n = self._instances(k) if images else k
-        if not exact and self.uses_candidates:
-            limit = self.manifest["candidates"]["residual_limit"]
-            exact = self.candidates_index.space.residual(q)[0] > limit  # a query unlike the sample
-        if exact or not self.uses_candidates:
-            r, s = self.store.top(q, n, rows)[0]
-        else:
+        out: list = [None] * len(queries)
+        scan = np.ones(len(queries), bool) if exact or not self.uses_candidates else self._unlike_sample(queries)
+        if scan.any():
+            for i, found in zip(np.flatnonzero(scan), self.store.top(queries[scan], n, rows), strict=True):
+                out[i] = found
+        ask = np.flatnonzero(~scan)
+        if len(ask):
             setting = self.setting.at_least(n)
-            available = self.store.live if rows is None else len(rows)
-            while True:
-                r, s = self._scored(q, self.candidates(q, setting, rows))
-                short = len(per_image(r, s, self.store.images.array, k)[0]) < k if images else len(r) < k
-                if not short or len(r) >= available or setting.rerank >= available:
-                    break
-                setting = setting.widened()  # many removed rows, or a filter: widen until k are found or all are seen
+            proposals = self.candidates_index.candidates(queries[ask], setting, self.store.alive.array, rows)
+            for i, cand in zip(ask, proposals, strict=True):
+                out[i] = self._widened(queries[i], k, images, rows, setting, cand)
         if images:
-            return per_image(r, s, self.store.images.array, k)
-        return r[:k], s[:k]
+            return [per_image(r, s, self.store.images.array, k) for r, s in out]
+        return [(r[:k], s[:k]) for r, s in out]
+
+    def _unlike_sample(self, queries: np.ndarray) -> np.ndarray:
+        """Queries with more of their norm outside the query space than the limit: scanned exactly."""
+        return self.candidates_index.space.residual(queries) > self.manifest["candidates"]["residual_limit"]
+
+    def _widened(self, q, k: int, images: bool, rows, setting: Setting, cand: np.ndarray):
+        """The exact scores of the candidates, asking again with a wider setting while fewer
+        than k were found (many removed rows, or a filter) and rows remain unseen."""
+        available = self.store.live if rows is None else len(rows)
+        while True:
+            r, s = self._scored(q, cand)
+            short = len(per_image(r, s, self.store.images.array, k)[0]) < k if images else len(r) < k
+            if not short or len(r) >= available or setting.rerank >= available:
+                return r, s
+            setting = setting.widened()
+            cand = self.candidates(q, setting, rows)
 
     def candidates(self, q: np.ndarray, setting: Setting, rows: np.ndarray | None = None) -> np.ndarray:
         """The candidate index's proposal for one query at `setting` (rows, best first):
         what the benchmark sweeps; `rows` restricts it to a filter's rows."""
-        return self.candidates_index.candidates(q, setting, self.store.alive.array, rows)
+        q = np.asarray(q, np.float32)[None]
+        return self.candidates_index.candidates(q, setting, self.store.alive.array, rows)[0]
 
     def _scored(self, q: np.ndarray, cand: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         scores = self.store.scores(cand, q)

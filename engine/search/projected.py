@@ -26,6 +26,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from reir.engine.fsutil import atomic_file, crc32_file
+from reir.engine.search.agreement import MARGIN
 from reir.engine.search.codes import Int8Codes
 from reir.engine.search.query_space import QuerySpace
 
@@ -91,6 +92,7 @@ SCHEDULE = tuple(
 
 class ProjectedIndex:
     kind: ClassVar[str] = "projected-pq"
+    margin: ClassVar[float] = MARGIN
 
     def __init__(self, space: QuerySpace, pq, codes: Int8Codes):
         self.space, self.pq, self.codes = space, pq, codes
@@ -128,26 +130,33 @@ class ProjectedIndex:
     def setting(cls, values: dict[str, int]) -> PQSetting:
         return PQSetting(int(values["k_factor"]), int(values["rerank"]))
 
-    def candidates(self, q: np.ndarray, setting: PQSetting, alive: np.ndarray, rows: np.ndarray | None) -> np.ndarray:
-        qy = self.space.project(np.asarray(q, np.float32)[None])[0]
+    def candidates(
+        self, queries: np.ndarray, setting: PQSetting, alive: np.ndarray, rows: np.ndarray | None
+    ) -> list[np.ndarray]:
+        qys = self.space.project(np.asarray(queries, np.float32))
         rerank, k_factor = setting.rerank, setting.k_factor
         if rows is None:
-            return self._scan(qy, rerank, k_factor, alive)
+            return self._scan(qys, rerank, k_factor, alive)
+        return [self._filtered(qy, rerank, k_factor, alive, rows) for qy in qys]
+
+    def _filtered(self, qy: np.ndarray, rerank: int, k_factor: int, alive: np.ndarray, rows: np.ndarray) -> np.ndarray:
         if len(rows) <= rerank:
             return rows
         if len(rows) <= rerank * k_factor or len(rows) * SELECTIVE <= self.rows:
             return self.codes.rescore(qy, rows, rerank)  # a selective filter: stage 2 over its rows only
         # a broad filter: over-fetch from the whole index in proportion, keep the allowed
         share = len(rows) / max(int(alive.sum()), 1)
-        found = self._scan(qy, int(rerank / share) + 1, k_factor, alive)
+        found = self._scan(qy[None], int(rerank / share) + 1, k_factor, alive)[0]
         return found[np.isin(found, rows)][:rerank]
 
-    def _scan(self, qy: np.ndarray, rerank: int, k_factor: int, alive: np.ndarray) -> np.ndarray:
+    def _scan(self, qys: np.ndarray, rerank: int, k_factor: int, alive: np.ndarray) -> list[np.ndarray]:
         fetch = min(self.rows, rerank * k_factor)
-        _, found = self.pq.search(qy[None], fetch)
-        rows = found[0]
-        rows = rows[rows >= 0]
-        return self.codes.rescore(qy, rows[alive[rows]], rerank)
+        _, found = self.pq.search(np.ascontiguousarray(qys), fetch)
+        out = []
+        for qy, rows in zip(qys, found, strict=True):
+            rows = rows[rows >= 0]
+            out.append(self.codes.rescore(qy, rows[alive[rows]], rerank))
+        return out
 
     # -- files ----------------------------------------------------------------------------
     def save(self, root: Path, state: dict[str, Any]) -> dict[str, Any]:
