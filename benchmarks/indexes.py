@@ -35,6 +35,7 @@ from reir.engine.gallery.gallery import Gallery
 from reir.engine.gallery.records import NewImage
 from reir.engine.runtime.detections import Detections
 from reir.engine.search.agreement import TIE, agreement
+from reir.engine.search.candidates import DEFAULT
 from reir.engine.search.vectors import VectorStore
 
 from .common import EncodedGallery, summarise_ms
@@ -74,11 +75,14 @@ def tier_images(g: EncodedGallery, n: int, seed: int = 0) -> Iterator[Detections
         yield Detections(g.boxes[lo:hi], g.scores[lo:hi], g.embeddings[lo:hi] + noise)
 
 
-def build(g: EncodedGallery, n: int, sample: np.ndarray, path: Path, seed: int = 0) -> tuple[Gallery, float]:
-    """The tier as a real gallery; its instance keys are 1..N in row order. Seconds to build."""
+def build(
+    g: EncodedGallery, n: int, sample: np.ndarray, path: Path, seed: int = 0, candidates: str = DEFAULT
+) -> tuple[Gallery, float]:
+    """The tier as a real gallery (of the `candidates` design); its instance keys are 1..N in
+    row order. Seconds to build."""
     shutil.rmtree(path, ignore_errors=True)
     t = time.perf_counter()
-    gal = Gallery.create(path, g.embeddings.shape[1], "f16", model="benchmark", queries=sample)
+    gal = Gallery.create(path, g.embeddings.shape[1], "f16", model="benchmark", queries=sample, candidates=candidates)
     batch = []
     for i, dets in enumerate(tqdm(tier_images(g, n, seed), desc=f"gallery of {n:,}", unit="img", leave=False)):
         batch.append(NewImage(f"img{i}", f"{i:064x}", 128, 128, 0, dets, {"bucket": str(i % FILTER_SHARE)}))

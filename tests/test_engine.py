@@ -136,6 +136,24 @@ def test_bad_images_are_reported_by_path_and_skipped(engine, images, tmp_path):
     assert "added 3 image(s)" in res.stdout and "5 skipped" in res.stdout and "Traceback" not in res.stderr
 
 
+def test_index_design_is_chosen_at_creation_and_an_unknown_one_writes_nothing(engine, images, tmp_path):
+    _, paths = images
+    src = tmp_path / "src"
+    src.mkdir()
+    for p in paths[:3]:
+        (src / p.name).write_bytes(p.read_bytes())
+    bundle = str(engine.bundle.path)
+    res = _reir("index", str(src), "--gallery", str(tmp_path / "bad"), "--bundle", bundle, "--design", "hnsw")
+    assert res.returncode == 2 and "unknown candidate index design 'hnsw'" in res.stderr, res.stderr
+    assert "ivf-pq" in res.stderr and "Traceback" not in res.stderr and not (tmp_path / "bad").exists()
+    res = _reir(
+        "index", str(src), "--gallery", str(tmp_path / "g"), "--bundle", bundle, "--design", "ivf-pq", "--quiet"
+    )
+    assert res.returncode == 0, res.stderr
+    with Gallery.open(tmp_path / "g") as g:  # too small for an index yet: the design waits in SQLite
+        assert g.shards[0].index.kind == "ivf-pq"
+
+
 def test_killed_indexing_loses_nothing_and_resumes(engine, tmp_path):
     ds, _ = generate(tmp_path / "d", SynthConfig(images=240, seed=5), progress=False)
     gallery = tmp_path / "g"

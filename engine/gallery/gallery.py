@@ -34,7 +34,7 @@ from reir.engine.gallery.database import GalleryError, connect
 from reir.engine.gallery.info import GalleryInfo, Measurement
 from reir.engine.gallery.records import Hit, NewImage
 from reir.engine.gallery.shard import Shard
-from reir.engine.search.candidates import DEFAULT
+from reir.engine.search.candidates import DEFAULT, DESIGNS
 
 MANIFEST = "shards.json"
 FORMAT = "reir-sharded-gallery"
@@ -159,6 +159,8 @@ class Gallery:
         path = Path(path)
         if not isinstance(shards, int) or shards < 1:
             raise GalleryError(f"shards must be a positive integer, got {shards!r}")
+        if candidates not in DESIGNS:  # before anything is written
+            raise GalleryError(f"unknown candidate index design {candidates!r}; the designs are {', '.join(DESIGNS)}")
         if exists(path):
             raise GalleryError(f"{path}: a gallery already exists here (open it instead)")
         if shards == 1:
@@ -200,10 +202,17 @@ class Gallery:
 
     @classmethod
     def for_bundle(
-        cls, path: str | Path, bundle, shards: int | None = None, dtype: str = "f16", progress: bool = True
+        cls,
+        path: str | Path,
+        bundle,
+        shards: int | None = None,
+        dtype: str = "f16",
+        progress: bool = True,
+        candidates: str | None = None,
     ) -> Gallery:
         """The gallery at `path` opened for writing with `bundle`'s model, or a new one made
-        for it (`shards` shards, default 1): what `reir index` and `reir cluster index` write to."""
+        for it (`shards` shards, default 1; `candidates`: the index design, default the
+        default's): what `reir index` and `reir cluster index` write to."""
         if exists(path):
             g = cls.open(path, writable=True, progress=progress)
             try:
@@ -222,6 +231,7 @@ class Gallery:
             bundle=str(bundle.path.resolve()),
             queries=bundle.query_sample(),
             shards=shards or 1,
+            **({"candidates": candidates} if candidates else {}),
         )
 
     def close(self) -> None:

@@ -23,6 +23,9 @@ def register(sub) -> None:
     add_tags(p, "stored with every image added")
     p.add_argument("--dtype", choices=["f32", "f16"], default="f16", help="stored vectors (new gallery)")
     p.add_argument("--shards", type=int, help="new gallery: split it into this many shards (docs/cluster.md)")
+    p.add_argument(
+        "--design", help="new gallery: its candidate index, projected-pq (default) or ivf-pq (docs/search.md)"
+    )
     p.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (0: its default)")
     p.add_argument("--device", choices=["cpu", "cuda", "tensorrt"], default="cpu")
     p.add_argument("--quiet", action="store_true")
@@ -80,7 +83,9 @@ def _index(args: argparse.Namespace) -> int:
     else:
         bundle = args.bundle or default_bundle()
     engine = Engine.open(bundle, args.device, args.threads, args.batch)
-    with Gallery.for_bundle(args.gallery, engine.bundle, args.shards, args.dtype, progress=not args.quiet) as g:
+    with Gallery.for_bundle(
+        args.gallery, engine.bundle, args.shards, args.dtype, progress=not args.quiet, candidates=args.design
+    ) as g:
         report = g.add_images(paths, engine, parse_tags(args.tags), args.batch, progress=not args.quiet)
         info = g.info()
     report.problems[:0] = problems
