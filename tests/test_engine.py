@@ -112,12 +112,18 @@ def test_one_writer_and_readers_during_an_add(engine, images, tmp_path):
     g.close()
 
 
+def _source(paths, n: int, where):
+    """A directory holding copies of the first `n` images: what `reir index` is pointed at."""
+    src = where / "src"
+    src.mkdir()
+    for p in paths[:n]:
+        (src / p.name).write_bytes(p.read_bytes())
+    return src
+
+
 def test_bad_images_are_reported_by_path_and_skipped(engine, images, tmp_path):
     _, paths = images
-    src = tmp_path / "src"
-    src.mkdir()
-    for p in paths[:3]:
-        (src / p.name).write_bytes(p.read_bytes())
+    src = _source(paths, 3, tmp_path)
     (src / "empty.png").write_bytes(b"")
     (src / "truncated.png").write_bytes(paths[3].read_bytes()[:200])
     (src / "text.png").write_text("not an image")
@@ -138,10 +144,7 @@ def test_bad_images_are_reported_by_path_and_skipped(engine, images, tmp_path):
 
 def test_index_design_is_chosen_at_creation_and_an_unknown_one_writes_nothing(engine, images, tmp_path):
     _, paths = images
-    src = tmp_path / "src"
-    src.mkdir()
-    for p in paths[:3]:
-        (src / p.name).write_bytes(p.read_bytes())
+    src = _source(paths, 3, tmp_path)
     bundle = str(engine.bundle.path)
     res = _reir("index", str(src), "--gallery", str(tmp_path / "bad"), "--bundle", bundle, "--design", "hnsw")
     assert res.returncode == 2 and "unknown candidate index design 'hnsw'" in res.stderr, res.stderr
