@@ -53,8 +53,6 @@ class CandidateIndex(Protocol):
     kind: ClassVar[str]
     # how much harder than the check queries needed a search looks (agreement.MARGIN)
     margin: ClassVar[float]
-    # optional `aim: ClassVar[bool]`: check with sample queries aimed at the gallery's rows
-    # instead of the held-out sample (SearchIndex.check_queries)
 
     @classmethod
     def train(cls, space: QuerySpace, sample: np.ndarray, rows: int) -> CandidateIndex:

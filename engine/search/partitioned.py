@@ -91,10 +91,9 @@ class PartitionedIndex:
     kind: ClassVar[str] = "ivf-pq"
     # Routing is where a deployment's queries differ most from the held-out sample: at 250k
     # rows the sample met its targets at 10-20 cells per 1,000 where test expressions needed
-    # 120-240. Checking with queries aimed at the gallery's rows (`aim`) tracked the test
-    # expressions at 250k but missed every setting at 1M (measured), so it is off and the
-    # margin is 4; neither is enough yet (docs/search.md): this design is opt-in.
-    aim: ClassVar[bool] = False
+    # 120-240; checking with sample queries aimed at the gallery's own rows tracked them at
+    # 250k but met no setting at 1M (measured, not kept). The margin is 4; not enough yet
+    # (docs/search.md): this design is opt-in.
     margin: ClassVar[float] = 4
 
     def __init__(self, space: QuerySpace, weights: np.ndarray, ivf, codes: Int8Codes):
