@@ -14,6 +14,8 @@ from __future__ import annotations
 import fcntl
 import os
 import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +54,19 @@ def connect(path: Path, read_only: bool = False) -> sqlite3.Connection:
     db.execute("PRAGMA synchronous=FULL")
     db.execute("PRAGMA foreign_keys=ON")
     return db
+
+
+@contextmanager
+def snapshot(dbfile: Path) -> Iterator[sqlite3.Connection]:
+    """A read-only connection inside one read transaction: every statement sees the same
+    committed state, so an index caught up through it reflects one generation, never half
+    of a writer's transaction. Its own connection: the shard's stays free for searches."""
+    db = connect(dbfile, read_only=True)
+    try:
+        db.execute("BEGIN")
+        yield db
+    finally:
+        db.close()  # ends the read transaction
 
 
 def schema_of(db: sqlite3.Connection, dbfile: Path) -> int:

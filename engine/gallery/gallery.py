@@ -334,6 +334,19 @@ class Gallery:
         for s in self.shards:
             s.rebuild(progress)
 
+    def refresh(self) -> bool:
+        """A read-only gallery catches up with what writers committed since it opened or last
+        refreshed (images added, images removed); True when something changed. It costs one
+        SQLite read per shard when nothing did. A reader never refreshes on its own: the
+        servers call this every second; an embedded reader calls it when it wants to see
+        new writes (a writer's own gallery is always current)."""
+        return any([s.refresh() for s in self.shards])
+
+    @property
+    def generation(self) -> tuple[int, ...]:
+        """Per shard, the committed generation searches answer from (each write bumps it)."""
+        return tuple(s.generation for s in self.shards)
+
     # -- reading ------------------------------------------------------------------------
     def search(
         self,

@@ -11,6 +11,11 @@ rebuilds it), so a kill at any moment loses nothing that was committed. A reader
 finds the index damaged scans the vectors exactly (same answers, slower) and says so in
 `info()`; the next writer rebuilds it.
 
+A reader serves the generation it caught up to. `refresh()` brings it to the latest
+committed one (appends and removals, read in one SQLite snapshot), and a search whose hits
+were removed meanwhile refreshes and searches again, so every answer is the exact ranking
+of one committed generation, never of half a transaction.
+
 Users open a `Gallery` (engine/gallery/gallery.py), which is one or more of these.
 """
 
@@ -36,6 +41,7 @@ from reir.engine.gallery.database import (
     GalleryError,
     connect,
     query_sample,
+    snapshot,
     upgrade,
     write_sample,
     writer_lock,
@@ -51,6 +57,9 @@ from reir.engine.search.index import IndexDamaged, SearchIndex
 
 DTYPES = ("f16", "f32")
 COMPACT_DEAD = 0.25  # rebuild the index once this share of its rows was removed
+# a reader holds the rows it caught up on in memory; past this many (and a quarter of its
+# mapped rows) a refresh reopens the writer's saved files instead, whose pages are shared
+TAIL_REOPEN = 100_000
 log = logging.getLogger("reir")
 
 
@@ -234,22 +243,53 @@ class Shard:
         self, queries: np.ndarray, k: int, per_image: bool, tags: dict[str, str] | None, exact: bool
     ) -> list[list[Hit]]:
         """Top-k hits per query vector (local ids), ranked by the exact dot product; the
-        queries are searched together (one candidate call, one SQLite read)."""
-        with self._lock:
-            rows = None
-            if tags:
-                rows = self.index.store.rows_of_images(self.tags.images(tags))
-            if self.index.store.live == 0 or (rows is not None and not len(rows)):
-                return [[] for _ in queries]
-            found = self.index.search_many(queries, k, per_image, rows, exact)
-            keys = [self.index.store.keys.array[r] for r, _ in found]
-        return self._hits(keys, [s for _, s in found])
+        queries are searched together (one candidate call, one SQLite read). A hit removed
+        by a writer since this reader's generation makes it refresh and search again."""
+        for _ in range(3):
+            with self._lock:
+                rows = None
+                if tags:
+                    rows = self.index.store.rows_of_images(self.tags.images(tags))
+                if self.index.store.live == 0 or (rows is not None and not len(rows)):
+                    return [[] for _ in queries]
+                found = self.index.search_many(queries, k, per_image, rows, exact)
+                keys = [self.index.store.keys.array[r] for r, _ in found]
+            hits, complete = self._hits(keys, [s for _, s in found])
+            if complete or not self.refresh():
+                return hits
+        return hits
 
-    def _hits(self, keys: list[np.ndarray], scores: list[np.ndarray]) -> list[list[Hit]]:
-        """Each query's hits from its keys and scores, read from SQLite in one statement."""
+    @property
+    def generation(self) -> int:
+        """The committed generation this shard's searches answer from."""
+        return int(self.index.manifest["generation"])
+
+    def refresh(self) -> bool:
+        """Catch a reader up with what writers committed since it opened or last refreshed;
+        True when it changed. Cheap when nothing did (one SQLite read); a writer is always
+        current. Searches wait while the new rows are applied, never see them half applied."""
+        if self.writable or self._generation() == self.generation:
+            return False
+        with self._lock:
+            if self._generation() == self.generation:
+                return False
+            store = self.index.store
+            caught_up = self.index.damage is None and self._catch_up(False)
+            if caught_up and store.tail.n <= max(TAIL_REOPEN, store.base.shape[0] // 4):
+                self.index.fit(self.query_sample(), train=False)  # re-measures after growth
+                return True
+            fresh = Shard.open(self.path, False, False, self.number)
+            # the old connection closes when the last search using it lets go of it
+            self.db, self.index, self.tags = fresh.db, fresh.index, fresh.tags
+            return True
+
+    def _hits(self, keys: list[np.ndarray], scores: list[np.ndarray]) -> tuple[list[list[Hit]], bool]:
+        """Each query's hits from its keys and scores, read from SQLite in one statement, and
+        whether every key was still there (False: a writer removed some since this reader's
+        generation)."""
         wanted = sorted({int(x) for ks in keys for x in ks})
         if not wanted:
-            return [[] for _ in keys]
+            return [[] for _ in keys], True
         rows = {}
         for s in range(0, len(wanted), 30000):  # under SQLite's limit on bound parameters
             chunk = wanted[s : s + 30000]
@@ -263,10 +303,10 @@ class Shard:
             hits = []
             for key, score in zip(ks.tolist(), sc.tolist(), strict=True):
                 r = rows.get(key)
-                if r is not None:  # None: removed by another process since this one caught up
+                if r is not None:
                     hits.append(Hit(r[1], r[7], (r[2], r[3], r[4], r[5]), score, key, r[6]))
             out.append(hits)
-        return out
+        return out, len(rows) == len(wanted)
 
     def stored(self, limit: int | None = None) -> Iterator[NewImage]:
         """The stored images as they were added (detections included), in id order."""
@@ -319,7 +359,7 @@ class Shard:
         return int(self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()[0])
 
     def _generation(self) -> int:
-        return self._meta_int("generation")
+        return _generation(self.db)
 
     def _bump_generation(self) -> None:
         self.db.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'generation'")
@@ -367,20 +407,25 @@ class Shard:
             log.warning("%s; searching by exact scan until a writer rebuilds it (`reir gallery rebuild`)", why)
 
     def _catch_up(self, progress: bool) -> bool:
-        ok = catch_up(self.index, self.db, progress)
-        if ok:
-            self.tags = TagIndex.load(self.db)
-            self.index.manifest["generation"] = self._generation()
+        with snapshot(self.path / "gallery.sqlite") as db:
+            ok = catch_up(self.index, db, progress)
+            if ok:
+                self.tags = TagIndex.load(db)
+                self.index.manifest["generation"] = _generation(db)
         return ok
 
     def _rebuild(self, progress: bool, why: str | None = None) -> None:
-        self.index = rebuild(
-            self.db, self.path, self.dim, self.dtype, self.kind, self._generation(), self.writable, progress
-        )
+        with snapshot(self.path / "gallery.sqlite") as db:
+            at = _generation(db)
+            self.index = rebuild(db, self.path, self.dim, self.dtype, self.kind, at, self.writable, progress)
+            self.tags = TagIndex.load(db)
         if not self.writable:  # a reader holds the vectors in memory and scans them exactly
             self.index.damage = why or "no usable index files"
-        self.tags = TagIndex.load(self.db)
 
     def _require_writer(self) -> None:
         if not self.writable:
             raise GalleryError(f"{self.path}: opened read-only; open with writable=True to change it")
+
+
+def _generation(db: sqlite3.Connection) -> int:
+    return int(db.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()[0])
