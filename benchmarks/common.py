@@ -11,7 +11,6 @@ import shutil
 import subprocess
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -94,21 +93,6 @@ def time_each(fn: Callable, args: list, warmup: int = 3) -> list[float]:
         fn(a)
         out.append(time.perf_counter() - t)
     return out
-
-
-def closed_loop(make_search: Callable, texts: list[str], concurrency: int) -> dict[str, float]:
-    """Our closed-loop load generator: `concurrency` threads, each with its own client from
-    `make_search()`, each sending its next text when the last one answered."""
-
-    def worker(chunk):
-        return time_each(make_search(), chunk, warmup=0)
-
-    chunks = [texts[i::concurrency] for i in range(concurrency)]
-    t0 = time.perf_counter()
-    with ThreadPoolExecutor(concurrency) as pool:
-        lat = [x for part in pool.map(worker, chunks) for x in part]
-    wall = time.perf_counter() - t0
-    return {**summarise_ms(lat), "qps": round(len(texts) / wall, 1)}
 
 
 def embedded_client(bundle, gallery) -> Callable:

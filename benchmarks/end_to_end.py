@@ -28,7 +28,8 @@ from reir.engine.serving.triton_client import TritonRetriever
 from reir.engine.serving.triton_server import TritonServer
 from reir.export.triton import write_repository
 
-from .common import closed_loop, embedded_client
+from .common import embedded_client
+from .load import closed_loop
 
 CONCURRENCY = (1, 4, 16)
 

@@ -32,9 +32,12 @@ class Engine:
         self._cache_size = cache
 
     @classmethod
-    def open(cls, bundle: str | Path | Bundle, device: str = "cpu", threads: int = 0, batch: int = 16) -> Engine:
+    def open(
+        cls, bundle: str | Path | Bundle, device: str = "cpu", threads: int = 0, batch: int = 16, cache: int = 4096
+    ) -> Engine:
+        """`cache`: query vectors kept for repeated texts (0: none, as a load test wants)."""
         b = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
-        return cls(b, device, threads, batch)
+        return cls(b, device, threads, batch, cache)
 
     @property
     def text(self) -> TextEncoder:
@@ -71,19 +74,19 @@ class Engine:
         """Query vectors [N, D] and, per text, whether it was truncated at the model's max
         length. Each text is cleaned once: the cache key is what the tokenizer encodes."""
         keys = [clean_expression(t) for t in texts]
-        todo = sorted({k for k in keys if k not in self._cache})
+        found = {k: self._cache[k] for k in keys if k in self._cache}
+        todo = sorted(set(keys) - set(found))
         if todo:
             vecs, truncated = self.text.encode(todo, cleaned=True)
-            for key, vec, cut in zip(todo, vecs, truncated, strict=True):
-                self._cache[key] = (vec, cut)
-                if len(self._cache) > self._cache_size:
-                    self._cache.popitem(last=False)
-        out, cut = [], []
-        for k in keys:
+            found.update((k, (v, c)) for k, v, c in zip(todo, vecs, truncated, strict=True))
+        for k in keys:  # most recent last; the oldest leave past the cache's size
+            self._cache[k] = found[k]
             self._cache.move_to_end(k)
-            out.append(self._cache[k][0])
-            cut.append(self._cache[k][1])
-        return (np.stack(out) if out else np.zeros((0, self.dim), np.float32)), cut
+        while len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+        if not keys:
+            return np.zeros((0, self.dim), np.float32), []
+        return np.stack([found[k][0] for k in keys]), [found[k][1] for k in keys]
 
     def detect(self, images: list) -> list[Detections]:
         """Per image (a path, a decoded PIL image, or a uint8 RGB array [H, W, 3]): kept

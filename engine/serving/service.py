@@ -10,13 +10,24 @@ the same answer and the same error for the same request.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from reir.engine.gallery.follow import EVERY_S, Follower
 from reir.engine.gallery.gallery import Gallery, GalleryMeta, exists
-from reir.engine.serving.contract import NOT_FOUND, Client, QueryResult, RequestError, SearchRequest, SearchResponse
+from reir.engine.serving.contract import (
+    NOT_FOUND,
+    Client,
+    QueryResult,
+    RequestError,
+    SearchRequest,
+    SearchResponse,
+    Unavailable,
+)
+from reir.engine.serving.metrics import Metrics
 
 Encoder = Callable[[list[str]], tuple[np.ndarray, list[bool]]]
 
@@ -56,18 +67,69 @@ def not_found(name: str) -> RequestError:
     return RequestError("gallery", f"no gallery named {name!r} is served here", NOT_FOUND)
 
 
-class SearchService(Client):
-    def __init__(self, encode: Encoder, model_id: str, dim: int, root: str | Path, default_gallery: str | None = None):
-        """`encode(texts) -> (query vectors, truncated flags)`: the engine's, or a server's."""
-        self.encode, self.model_id, self.dim = encode, model_id, dim
-        self.root = GalleryRoot(root, default_gallery)
-        self._open: dict[Path, Gallery] = {}
-        self._lock = threading.Lock()
+@dataclass
+class Plan:
+    """Requests that arrived together, as one batch: each text once, and the requests that
+    ask one gallery the same way (k, per_image, tags) in groups searched with one call."""
+
+    texts: list[str]
+    row: dict[str, int]  # text -> its row in the encoded matrix
+    groups: list[list[int]]  # request indices
 
     @classmethod
-    def embedded(cls, engine, root: str | Path, default_gallery: str | None = None) -> SearchService:
+    def of(cls, requests: list[SearchRequest], target: dict[int, Hashable]) -> Plan:
+        """`target`: request index -> what it searches (the requests missing from it were refused)."""
+        todo = sorted(target)
+        texts = sorted({t for i in todo for t in requests[i].texts})
+        groups: dict[tuple, list[int]] = {}
+        for i in todo:
+            r = requests[i]
+            key = (target[i], r.k, r.per_image, tuple(sorted((r.tags or {}).items())))
+            groups.setdefault(key, []).append(i)
+        return cls(texts, {t: j for j, t in enumerate(texts)}, list(groups.values()))
+
+    def rows(self, requests: list[SearchRequest], members: list[int]) -> list[int]:
+        """The encoded rows of a group's texts, request by request."""
+        return [self.row[t] for i in members for t in requests[i].texts]
+
+    def split(
+        self, requests: list[SearchRequest], members: list[int], hits: list, cut: list[bool], missing=()
+    ) -> dict[int, SearchResponse]:
+        """A group's hits (one list per text, in `rows` order) back into each request's answer."""
+        out, at = {}, 0
+        for i in members:
+            texts = requests[i].texts
+            mine = zip(hits[at : at + len(texts)], texts, strict=True)
+            results = tuple(QueryResult(tuple(h), bool(cut[self.row[t]])) for h, t in mine)
+            out[i], at = SearchResponse(results, bool(missing), tuple(missing)), at + len(texts)
+        return out
+
+
+class SearchService(Client):
+    def __init__(
+        self,
+        encode: Encoder,
+        model_id: str,
+        dim: int,
+        root: str | Path,
+        default_gallery: str | None = None,
+        follow_s: float | None = EVERY_S,
+    ):
+        """`encode(texts) -> (query vectors, truncated flags)`: the engine's, or a server's.
+        `follow_s`: how often the open galleries catch up with their writers (None: never)."""
+        self.encode, self.model_id, self.dim = encode, model_id, dim
+        self.root = GalleryRoot(root, default_gallery)
+        self.metrics = Metrics(before_render=self._gauges)
+        self._open: dict[Path, tuple[str, Gallery]] = {}
+        self._lock = threading.Lock()
+        self._follower = Follower(self._following, follow_s) if follow_s else None
+
+    @classmethod
+    def embedded(
+        cls, engine, root: str | Path, default_gallery: str | None = None, follow_s: float | None = EVERY_S
+    ) -> SearchService:
         """The service on an `Engine` in this process."""
-        return cls(engine.encode, engine.model_id, engine.dim, root, default_gallery)
+        return cls(engine.encode, engine.model_id, engine.dim, root, default_gallery, follow_s)
 
     def gallery(self, name: str | None) -> Gallery:
         """The named gallery, opened read-only on first use; RequestError if it may not be searched."""
@@ -80,8 +142,17 @@ class SearchService(Client):
                 refusal = gallery_refusal(shown, GalleryMeta.read(path), self.model_id, self.dim)
                 if refusal is not None:
                     raise refusal
-                self._open[path] = Gallery.open(path, progress=False)
-            return self._open[path]
+                g = Gallery.open(path, progress=False)
+                self._open[path] = (shown, g)
+            return self._open[path][1]
+
+    def _following(self) -> list[tuple[str, Gallery]]:
+        with self._lock:
+            return list(self._open.values())
+
+    def _gauges(self) -> None:
+        for name, g in self._following():
+            self.metrics.gallery(name, g)
 
     def answer(self, request: SearchRequest) -> SearchResponse:
         result = self.answer_batch([request])[0]
@@ -93,39 +164,39 @@ class SearchService(Client):
         """Requests that arrived together: every text encoded in one call, and the requests
         that ask the same gallery the same way searched together. Each gets its answer, or
         the RequestError that refuses it (one bad request does not fail the others)."""
-        out: list[SearchResponse | RequestError | None] = [None] * len(requests)
+        out: dict[int, SearchResponse | RequestError] = {}
         galleries = {}
         for i, r in enumerate(requests):
             try:
                 galleries[i] = self.gallery(r.gallery)
             except RequestError as e:
                 out[i] = e
-        todo = sorted(galleries)
-        texts = sorted({t for i in todo for t in requests[i].texts})
-        if texts:
-            vectors, cut = self.encode(texts)
-            row = {t: j for j, t in enumerate(texts)}
-        groups: dict[tuple, list[int]] = {}
-        for i in todo:
-            r = requests[i]
-            key = (id(galleries[i]), r.k, r.per_image, tuple(sorted((r.tags or {}).items())))
-            groups.setdefault(key, []).append(i)
-        for members in groups.values():
-            first = requests[members[0]]
-            rows = [row[t] for i in members for t in requests[i].texts]
-            hits = galleries[members[0]].search(vectors[rows], first.k, first.per_image, first.tags)
-            at = 0
-            for i in members:
-                n = len(requests[i].texts)
-                results = tuple(
-                    QueryResult(tuple(h), bool(cut[row[t]]))
-                    for h, t in zip(hits[at : at + n], requests[i].texts, strict=True)
-                )
-                out[i], at = SearchResponse(results), at + n
-        return out
+        plan = Plan.of(requests, {i: id(g) for i, g in galleries.items()})
+        if plan.texts:
+            with self.metrics.stage.labels("encode").time():
+                vectors, cut = self.encode(plan.texts)
+        with self.metrics.stage.labels("search").time():
+            for members in plan.groups:
+                r, queries = requests[members[0]], vectors[plan.rows(requests, members)]
+                hits = galleries[members[0]].search(queries, r.k, r.per_image, r.tags)
+                out.update(plan.split(requests, members, hits, cut))
+        for a in out.values():
+            self.metrics.outcome(outcome_of(a))
+        return [out[i] for i in range(len(requests))]
 
     def close(self) -> None:
+        if self._follower is not None:
+            self._follower.close()
         with self._lock:
-            for g in self._open.values():
+            for _, g in self._open.values():
                 g.close()
             self._open.clear()
+
+
+def outcome_of(answer: SearchResponse | Exception) -> str:
+    """The metrics' name for how a request ended."""
+    if isinstance(answer, SearchResponse):
+        return "partial" if answer.partial else "ok"
+    if isinstance(answer, RequestError):
+        return "not_found" if answer.code == NOT_FOUND else "invalid"
+    return "refused" if isinstance(answer, Unavailable) else "error"
