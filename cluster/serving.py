@@ -5,6 +5,13 @@ one deployment per shard (R replicas each), then merges the per-shard top-k exac
     200          its response; 4xx {"error": {"code", "message"}}: the same message every path gives
     GET  /reir/healthz, /reir/docs (OpenAPI, from the contract's schema)
 
+Requests that arrive together are answered together (`@serve.batch`): their texts are
+encoded in one call, off the event loop, and each shard gets one call per batch. The front
+admits a request only while the work ahead of it fits the batch policy's queue bound
+(engine/serving/batching.py); past it a request gets 503 with Retry-After at once. Shard
+replicas follow their gallery's writer, so new and removed images are served within about
+a second. GET /reir/metrics: Prometheus text (engine/serving/metrics.py).
+
 The front is a FastAPI app behind Serve's ingress; the route takes the contract's typed
 `SearchRequest`, built from the raw body by the contract's own parser, so a malformed or
 wrong request gets the same 4xx and message here as in process or through Triton.
@@ -25,34 +32,39 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from pathlib import Path
 
 import numpy as np
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 
 from reir.cluster.compat import keep_replica_listener_on_node
+from reir.engine.gallery.follow import Follower
 from reir.engine.gallery.gallery import Gallery, GalleryMeta, merge_hits
 from reir.engine.gallery.records import Hit
 from reir.engine.runtime.bundle import Bundle
 from reir.engine.runtime.engine import Engine
+from reir.engine.serving.batching import Admission, BatchPolicy
 from reir.engine.serving.contract import (
     MAX_BODY_BYTES,
-    QueryResult,
     RequestError,
     SearchRequest,
     SearchResponse,
+    Unavailable,
 )
-from reir.engine.serving.service import GalleryRoot, gallery_refusal, not_found
+from reir.engine.serving.metrics import CONTENT_TYPE, Metrics, shard_state
+from reir.engine.serving.service import GalleryRoot, Plan, gallery_refusal, not_found, outcome_of
 
 log = logging.getLogger("reir.serve")
 # a replica that is gone or busy: ask another one of the same shard
 RETRYABLE = (RayActorError, ReplicaUnavailableError, DeploymentUnavailableError, BackPressureError)
 
+FRONT_ONGOING = 1024
 api = FastAPI(title="clare-reir search", description="The search contract over HTTP (docs/cluster.md).")
 BODY = {"requestBody": {"content": {"application/json": {}}, "required": True}}
 
@@ -80,6 +92,13 @@ async def _refused(_request: Request, e: RequestError) -> JSONResponse:
     return JSONResponse(e.to_json(), status_code=e.http_status)
 
 
+@api.exception_handler(Unavailable)
+async def _overloaded(_request: Request, e: Unavailable) -> JSONResponse:
+    """503 with Retry-After (whole seconds, as HTTP has it) and the exact figure in the body."""
+    body = {"error": {"code": "unavailable", "message": str(e), "retry_after_s": round(e.retry_after, 4)}}
+    return JSONResponse(body, status_code=503, headers={"Retry-After": str(max(1, math.ceil(e.retry_after)))})
+
+
 async def contract_body(request: Request) -> SearchRequest:
     """The body, read up to the contract's size limit, parsed by the contract."""
     declared = request.headers.get("content-length", "")
@@ -95,14 +114,20 @@ async def contract_body(request: Request) -> SearchRequest:
 
 @serve.deployment(ray_actor_options={"num_cpus": 0})
 class ShardSearch:
-    """One shard of one gallery, read-only; answers in the gallery's global ids."""
+    """One shard of one gallery, read-only, following its writer (new and removed images
+    are searched within about a second); answers in the gallery's global ids."""
 
     def __init__(self, path: str, shard: int):
         keep_replica_listener_on_node()
         self.gallery = Gallery.open(path, progress=False, shard=shard)
+        self.follower = Follower(lambda: [(path, self.gallery)])
 
     def search(self, queries: np.ndarray, k: int, per_image: bool, tags: dict | None) -> list[list[Hit]]:
         return self.gallery.search(queries, k, per_image, tags)
+
+    def state(self) -> dict:
+        """What the gallery gauges show of this shard (metrics)."""
+        return shard_state(self.gallery.shards[0])
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0})
@@ -117,25 +142,33 @@ class Front:
         default: str | None = None,
         deadline_s: float = 5.0,
         retries: int = 2,
-        threads: int = 1,
+        threads: int = 2,
         encoder: str | None = None,
+        policy: BatchPolicy | None = None,
     ):
         """galleries: name under `root` -> shard handles in shard order; refused: name -> why
         it may not be searched with this bundle; default: the gallery of a request that names
         none (the only one, when one is served). encoder: a Triton URL (grpc://HOST:8001)
-        whose `encode_query` encodes the text, instead of ONNX Runtime here."""
+        whose `encode_query` encodes the text, instead of ONNX Runtime here. policy: the
+        batch size and the queue bound past which requests get 503 (engine/serving/batching.py)."""
         keep_replica_listener_on_node()
         if encoder:
             from reir.engine.serving.triton_client import TritonRetriever  # tritonclient: the triton extra
 
             self.encode = TritonRetriever(encoder).encode
         else:
-            self.encode = Engine(Bundle.open(bundle), threads=threads).encode
+            self.encode = Engine(Bundle.open(bundle), threads=threads, cache=0).encode
         names = [*galleries, *refused]
         self.root = GalleryRoot(root, default or (names[0] if len(names) == 1 else None))
         self.galleries = {self.root.path(n): h for n, h in galleries.items()}
+        self.names = {self.root.path(n): n for n in galleries}
         self.refused = {self.root.path(n): RequestError("gallery", why) for n, why in refused.items()}
         self.deadline_s, self.retries = deadline_s, retries
+        self.policy = policy or BatchPolicy()
+        self.admission = Admission(self.policy.max_queue_s, self.policy.max_batch)
+        self.metrics = Metrics()
+        self.waiting = 0  # admitted requests not yet answered
+        self._answer_many.set_max_batch_size(self.policy.max_batch)
 
     @api.post("/", openapi_extra=BODY)
     async def search(self, request: SearchRequest = Depends(contract_body)) -> JSONResponse:  # noqa: B008
@@ -145,23 +178,75 @@ class Front:
     async def healthz(self) -> dict:
         return {"status": "ok", "galleries": sorted(p.name for p in self.galleries)}
 
+    @api.get("/metrics")
+    async def metrics(self) -> Response:
+        """Prometheus text: this front's requests, stages, batches and queue; each shard's
+        generation, rows and agreement as one of its replicas reports them."""
+        for path, shards in self.galleries.items():
+            states = await asyncio.gather(*(h.state.remote() for h in shards), return_exceptions=True)
+            for st in states:
+                if isinstance(st, dict):
+                    self.metrics.shard(self.names[path], st)
+        return Response(self.metrics.render(), media_type=CONTENT_TYPE)
+
     async def answer(self, request: SearchRequest) -> SearchResponse:
-        path = self.root.path(request.gallery)
+        """Admitted when the work ahead fits the policy's queue bound (else Unavailable: 503),
+        then answered in a batch with the requests that arrived with it."""
+        try:
+            self.admission.check(self.waiting)
+        except Unavailable:
+            self.metrics.outcome("refused")
+            raise
+        self.waiting += 1
+        self.metrics.queue.set(self.waiting)
+        try:
+            result = await self._answer_many(request)
+        finally:
+            self.waiting -= 1
+            self.metrics.queue.set(self.waiting)
+        self.metrics.outcome(outcome_of(result))
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.001)
+    async def _answer_many(self, requests: list[SearchRequest]) -> list[SearchResponse | RequestError]:
+        """One batch: every text encoded in one call (off the event loop), each group of
+        requests that ask one gallery the same way sent to its shards as one call."""
+        start = time.perf_counter()
+        self.metrics.batch.observe(len(requests))
+        out: dict[int, SearchResponse | RequestError] = {}
+        target = {}
+        for i, r in enumerate(requests):
+            try:
+                target[i] = self._gallery(r.gallery)
+            except RequestError as e:
+                out[i] = e
+        plan = Plan.of(requests, target)
+        if plan.texts:
+            with self.metrics.stage.labels("encode").time():
+                vectors, cut = await asyncio.to_thread(self.encode, plan.texts)
+        for members in plan.groups:
+            r = requests[members[0]]
+            args = (vectors[plan.rows(requests, members)], r.k, r.per_image, r.tags)
+            deadline = time.monotonic() + self.deadline_s
+            shards = self.galleries[target[members[0]]]
+            with self.metrics.stage.labels("search").time():
+                answers = await asyncio.gather(*(self._ask(h, args, deadline) for h in shards))
+            with self.metrics.stage.labels("merge").time():
+                missing = tuple(s for s, a in enumerate(answers) if a is None)
+                hits = [merge_hits([a[q] for a in answers if a is not None], r.k) for q in range(len(args[0]))]
+                out.update(plan.split(requests, members, hits, cut, missing))
+        self.admission.answered(len(requests), time.perf_counter() - start)
+        return [out[i] for i in range(len(requests))]
+
+    def _gallery(self, name: str | None) -> Path:
+        path = self.root.path(name)
         if path in self.refused:
             raise self.refused[path]
         if path not in self.galleries:
-            raise not_found(self.root.name(request.gallery))
-        shards = self.galleries[path]
-        queries, truncated = await asyncio.to_thread(self.encode, list(request.texts))
-        deadline = time.monotonic() + self.deadline_s
-        args = (queries, request.k, request.per_image, request.tags)
-        answers = await asyncio.gather(*(self._ask(h, args, deadline) for h in shards))
-        missing = tuple(s for s, a in enumerate(answers) if a is None)
-        results = tuple(
-            QueryResult(tuple(merge_hits([a[qi] for a in answers if a is not None], request.k)), bool(cut))
-            for qi, cut in enumerate(truncated)
-        )
-        return SearchResponse(results, bool(missing), missing)
+            raise not_found(self.root.name(name))
+        return path
 
     async def _ask(self, handle, args: tuple, deadline: float) -> list[list[Hit]] | None:
         """One shard's answer, retried on another replica until the deadline; None when it
@@ -186,11 +271,12 @@ def build_app(
     deadline_s: float = 5.0,
     encoder: str | None = None,
     default: str | None = None,
+    policy: BatchPolicy | None = None,
 ):
     """The Serve application: a Front and, per gallery, one ShardSearch deployment per
     shard. `galleries` are directory names under `root`; one indexed with another model
     than `bundle` is not deployed, and requests for it get the contract's refusal.
-    `default`: the gallery of requests that name none."""
+    `default`: the gallery of requests that name none; `policy`: batch size and queue bound."""
     b = Bundle.open(bundle)
     names = GalleryRoot(root)
     if default is not None and default not in galleries:
@@ -208,7 +294,12 @@ def build_app(
             ShardSearch.options(name=f"{name}-shard-{s}", num_replicas=replicas).bind(str(path), s)
             for s in range(meta.shards)
         ]
-    return Front.bind(str(b.path), str(names.root), handles, refused, default, deadline_s, encoder=encoder)
+    # Serve's own limit stays far above the policy's bound, so that the front's admission,
+    # not a queue in Serve's router, decides who waits (and who gets a fast 503)
+    front = Front.options(max_ongoing_requests=FRONT_ONGOING)
+    return front.bind(
+        str(b.path), str(names.root), handles, refused, default, deadline_s, encoder=encoder, policy=policy
+    )
 
 
 def start(

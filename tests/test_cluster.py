@@ -364,3 +364,66 @@ def test_the_replica_listener_shim_is_needed_and_works(served):
     assert narrow and _loopback(narrow), narrow  # works: with it, on loopback only
     with pytest.raises(RayIncompatible, match=r"tested with Ray 2\.58, 2\.59, 2\.60"):
         check_version("2.61.0")
+
+
+def test_overload_refusals_metrics_and_a_live_gallery_on_serve(served, tmp_path):
+    """A second app with a tight queue bound over a copy of `main`: a burst gets fast 503s
+    with Retry-After and the admitted requests their answers; /metrics counts both; an
+    image added to the gallery while it is served is found without a restart."""
+    import dataclasses
+    import urllib.request
+
+    from ray import serve
+
+    from reir.cluster.serving import build_app
+    from reir.engine.serving.batching import BatchPolicy
+    from reir.engine.serving.contract import Unavailable
+
+    _, url, texts, _, root = served
+    live = tmp_path / "root"
+    shutil.copytree(root / "main", live / "main")
+    tight = BatchPolicy(max_batch=2, max_queue_s=0.001)
+    serve.run(build_app(default_bundle(), live, ["main"], policy=tight), name="tight", route_prefix="/tight")
+    tight_url = url.rsplit("/", 1)[0] + "/tight"
+    client = ServeRetriever(tight_url, timeout=60)
+    for t in texts[:6]:  # past the warm-up after which admission refuses
+        client.search(t, k=5)
+    outcomes = []
+
+    def send(t):
+        try:
+            outcomes.append(client.search(t, k=5))
+        except Unavailable as e:
+            outcomes.append(e)
+
+    try:
+        with ThreadPoolExecutor(32) as pool:
+            list(pool.map(send, (texts * 2)[:32]))
+        refused = [o for o in outcomes if isinstance(o, Unavailable)]
+        assert refused and len(refused) < len(outcomes), "a burst past the bound must be refused, not all of it"
+        assert all(e.retry_after > 0 for e in refused) and "overloaded" in str(refused[0])
+
+        top = client.search(texts[0], k=5).hits[0]
+        with Gallery.open(live / "main", writable=True, progress=False) as writer:
+            shard = writer.shards[top.image_id % writer.shard_count]
+            original = next(im for im in shard.stored() if im.path == top.path)
+            twin = dataclasses.replace(original, path=original.path + ".copy.png", sha256=original.sha256[::-1])
+            writer.add([twin])
+        deadline, found = time.monotonic() + 10, False
+        while time.monotonic() < deadline and not found:
+            found = twin.path in {h.path for h in client.search(texts[0], k=5).hits}
+            time.sleep(0.1)
+        assert found, "an image added while the gallery is served was not found within 10 s"
+
+        with urllib.request.urlopen(tight_url + "/metrics", timeout=30) as r:
+            text = r.read().decode()
+        counts = {
+            ln.split("{")[1].split("}")[0]: float(ln.rsplit(" ", 1)[1])
+            for ln in text.splitlines()
+            if ln.startswith("reir_requests_total{")
+        }
+        assert counts['outcome="refused"'] == len(refused)
+        assert counts['outcome="ok"'] >= len(outcomes) - len(refused) + 6
+        assert 'reir_gallery_generation{gallery="main",shard="1"}' in text and "reir_batch_size_count" in text
+    finally:
+        serve.delete("tight")

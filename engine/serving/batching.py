@@ -50,13 +50,15 @@ class BatchPolicy:
 class Admission:
     """Whether a request may join the queue: the work ahead of it, priced at the measured
     seconds per request (the median of the last batches: a cold first call or one stall
-    does not close the door), must fit in `max_queue_s`. Nothing is refused before a cost
-    was measured."""
+    does not close the door), must fit in `max_queue_s`. Requests that fit in the next
+    batch (`min_ahead`) are always let in, and nothing is refused before `WARM` batches
+    were measured (the first calls of a process pay for its warm-up)."""
 
     WINDOW = 32
+    WARM = 4
 
-    def __init__(self, max_queue_s: float):
-        self.max_queue_s = max_queue_s
+    def __init__(self, max_queue_s: float, min_ahead: int = 0):
+        self.max_queue_s, self.min_ahead = max_queue_s, min_ahead
         self._costs: deque[float] = deque(maxlen=self.WINDOW)
         self.per_request_s = 0.0
 
@@ -65,7 +67,7 @@ class Admission:
 
     def check(self, ahead: int) -> None:
         wait = self.wait_s(ahead)
-        if wait > self.max_queue_s:
+        if ahead >= self.min_ahead and len(self._costs) >= self.WARM and wait > self.max_queue_s:
             raise Unavailable(
                 f"overloaded: {ahead} requests ahead, about {1000 * wait:.0f} ms of work "
                 f"(this server queues at most {1000 * self.max_queue_s:.0f} ms)",
@@ -82,7 +84,7 @@ class Batcher(Client):
         """`service`: anything with `answer_batch(requests) -> answers or errors` (a SearchService)."""
         self.service, self.policy = service, policy or BatchPolicy()
         self.metrics: Metrics = getattr(service, "metrics", None) or Metrics()
-        self.admission = Admission(self.policy.max_queue_s)
+        self.admission = Admission(self.policy.max_queue_s, self.policy.max_batch)
         self._queue: deque[tuple[SearchRequest, Future, float]] = deque()
         self._busy = 0  # requests the worker is answering now
         self._closed = False

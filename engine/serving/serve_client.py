@@ -92,15 +92,19 @@ class ServeRetriever(Client):
 
 
 def _error(url: str, status: int, headers: dict[str, str], data: bytes) -> Exception:
+    retry_after = None
     try:
         err = json.loads(data)["error"]
         message, code = str(err["message"]), str(err.get("code", CODE_OF_STATUS.get(status, INVALID)))
+        retry_after = err.get("retry_after_s")  # the server's exact figure; the header has whole seconds
     except (ValueError, KeyError, TypeError):
         message, code = data.decode("utf-8", "replace")[:500] or f"HTTP {status}", CODE_OF_STATUS.get(status, INVALID)
     if status in CODE_OF_STATUS:
         return RequestError.from_message(message, code)
     if status == 503:
-        return Unavailable(f"{url}: HTTP 503: {message}", float(headers.get("retry-after", 1) or 1))
+        if not isinstance(retry_after, int | float) or retry_after <= 0:
+            retry_after = float(headers.get("retry-after", 1) or 1)
+        return Unavailable(f"{url}: HTTP 503: {message}", float(retry_after))
     return ServiceError(f"{url}: HTTP {status}: {message}")
 
 
