@@ -10,7 +10,7 @@ def figures(report: dict, out: Path) -> list[Path]:
 
     matplotlib.use("Agg")
     paths = []
-    for draw in (_gallery_size, _recall_latency, _stages, _serving):
+    for draw in (_gallery_size, _recall_latency, _stages, _serving, _under_load):
         p = draw(report, out)
         if p is not None:
             paths.append(p)
@@ -188,3 +188,29 @@ def _serving(report: dict, out: Path) -> Path | None:
     axes[0].legend(fontsize=7)
     fig.suptitle("Query latency by server and concurrency (text in, ranked hits out)")
     return _save(fig, report, out, "serving")
+
+
+def _under_load(report: dict, out: Path) -> Path | None:
+    """Queries/s against clients (closed loop), and p99 against offered rate (open loop), per path."""
+    sv = report.get("serving")
+    if not sv:
+        return None
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for name, p in sv["paths"].items():
+        cs = sorted(p["closed"], key=int)
+        line = axes[0].plot([int(c) for c in cs], [p["closed"][c]["qps"] for c in cs], marker="o", label=name)[0]
+        pts = [(r["offered_qps"], r["p99_ms"]) for r in p.get("open", []) if r["p99_ms"] is not None]
+        if pts:
+            axes[1].plot(*zip(*pts, strict=True), marker="o", label=name, color=line.get_color())
+        if p.get("knee_qps"):
+            axes[1].axvline(p["knee_qps"], ls=":", alpha=0.5, color=line.get_color())
+    axes[0].set(xscale="log", xlabel="concurrent clients (closed loop)", ylabel="answered queries/s")
+    axes[0].set_xticks([1, 4, 16, 64], labels=["1", "4", "16", "64"])
+    axes[1].set(yscale="log", xlabel="offered queries/s (open loop)", ylabel="p99 from scheduled send (ms)")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle("Serving under load (dotted: each path's knee)")
+    return _save(fig, report, out, "under-load")

@@ -95,6 +95,7 @@ def render(report: dict) -> str:
         ("two_stage", _two_stage),
         ("end_to_end", _end_to_end),
         ("cluster", _cluster),
+        ("serving", _serving),
     ):
         if report.get(key):
             lines += part(report[key])
@@ -246,3 +247,46 @@ def _cluster(cl: dict) -> list[str]:
         + " (more actors than cores only compete here).",
         "",
     ]
+
+
+def _serving(sv: dict) -> list[str]:
+    """The serving section: closed-loop table, the ceiling, open-loop knees, overload."""
+    closed = [{"path": n, "clients": int(c), **row} for n, p in sv["paths"].items() for c, row in p["closed"].items()]
+    lines = [
+        "",
+        f"## Serving under load ({sv['images']:,}-image gallery, {sv['instances']:,} instances, unique texts, "
+        "no text cache)",
+        "",
+        "Closed loop: N clients, each sending when answered (a refused one waits its Retry-After).",
+        "",
+        _table(closed, ["path", "clients", "qps", "p50_ms", "p99_ms", "refused"]),
+        f"Ceiling from CPU time per request (batches of 16, encode + search): "
+        f"{sv['ceiling']['cpu_ms_per_request']} ms, so {sv['ceiling']['two_core_qps']} queries/s on 2 cores.",
+        "",
+        "Open loop: a fixed arrival rate, latency from each request's scheduled send time. Knee: the highest "
+        "rate answered in full with p99 within 3x the lowest rate's. Overload: twice the knee.",
+        "",
+    ]
+    rows = []
+    for name, p in sv["paths"].items():
+        if "open" in p:
+            o = p.get("overload") or {}
+            rows.append(
+                {
+                    "path": name,
+                    "knee_qps": p["knee_qps"],
+                    "overload_offered": o.get("offered_qps"),
+                    "answered_qps": o.get("answered_qps"),
+                    "refused": o.get("refused"),
+                    "refusal_p99_ms": o.get("refusal_p99_ms"),
+                    "admitted_p99_ms": o.get("p99_ms"),
+                    "unloaded_p99_ms": o.get("unloaded_p99_ms"),
+                }
+            )
+    if rows:
+        lines += [_table(rows, list(rows[0]))]
+    added = {n: p["one_client_added_ms"] for n, p in sv["paths"].items() if "one_client_added_ms" in p}
+    if added:
+        shown = ", ".join(f"{n} {v} ms" for n, v in added.items())
+        lines += [f"At one client, p50 added to the embedded batched call: {shown}.", ""]
+    return [*lines, sv.get("triton", ""), ""]

@@ -25,12 +25,12 @@ from typing import Any
 from reir.engine.fsutil import write_json_atomic
 from reir.engine.runtime.bundle import Bundle, default_bundle
 
-from . import cluster, end_to_end, indexes, stages, two_stage
+from . import cluster, end_to_end, indexes, serving, stages, two_stage
 from .common import encoded_gallery, machine, machine_label
 from .figures import figures
 from .markdown import render
 
-SECTIONS = ("stages", "indexes", "two_stage", "end_to_end", "cluster")
+SECTIONS = ("stages", "indexes", "two_stage", "end_to_end", "cluster", "serving")
 
 
 def slug(m: dict) -> str:
@@ -93,6 +93,7 @@ RUNNERS = {
     "two_stage": _two_stage_section,
     "end_to_end": _served(end_to_end),
     "cluster": _served(cluster),
+    "serving": _served(serving),
 }
 
 

@@ -157,7 +157,7 @@ class Front:
 
             self.encode = TritonRetriever(encoder).encode
         else:
-            self.encode = Engine(Bundle.open(bundle), threads=threads, cache=0).encode
+            self.encode = Engine(Bundle.open(bundle), threads=threads).encode
         names = [*galleries, *refused]
         self.root = GalleryRoot(root, default or (names[0] if len(names) == 1 else None))
         self.galleries = {self.root.path(n): h for n, h in galleries.items()}

@@ -66,7 +66,7 @@ def test_step_comparison_times_both_configs_on_every_stage(tmp_path):
 
 def test_every_report_section_runs_and_writes_json_markdown_and_figures(tmp_path):
     """The whole report (every section, the shipped bundle) at sizes CI affords."""
-    from reir.benchmarks import capacity
+    from reir.benchmarks import capacity, serving
     from reir.benchmarks.run import SECTIONS, run_report
     from reir.engine.runtime.bundle import default_bundle
 
@@ -96,7 +96,15 @@ def test_every_report_section_runs_and_writes_json_markdown_and_figures(tmp_path
     assert {f"serve_{s}shard_c{c}" for s in (1, 2, 4) for c in (1, 4, 16)} <= set(cl["rows"])
     assert all(r["n"] == cl["requests"] and r["p50_ms"] > 0 for r in cl["rows"].values())
     assert set(cl["indexing"]["ray"]) == {"1", "2", "4"} and min(cl["indexing"]["ray"].values()) > 0
+    sv = report["serving"]
+    assert set(sv["paths"]) == {"embedded_threads", "embedded_batched", "serve_1shard", "serve_2shard"}
+    for name in ("embedded_batched", "serve_1shard", "serve_2shard"):
+        p = sv["paths"][name]
+        assert set(p["closed"]) == {"1", "4", "16", "64"} and all(r["qps"] > 0 for r in p["closed"].values())
+        assert len(p["open"]) == len(serving.RATES) and all(r["errors"] == 0 and r["sent"] > 0 for r in p["open"])
+    assert sv["ceiling"]["two_core_qps"] > 0
     md = path.with_suffix(".md").read_text()
+    assert "## Serving under load" in md and f"{report['name']}-under-load.png" in report["figures"]
     assert "## Headlines" in md and report["machine_label"] in md and "CLARE vs two-stage at 40 images" in md
     assert "accuracy at 40 images" in md and "through the gallery's search" in md
     assert "## Search at scale" in md and "instances: the gallery agrees with the exact ranking" in md

@@ -30,7 +30,9 @@ def register(sub) -> None:
     r.add_argument(
         "--full", action="store_true", help="add a 100k-image tier (BR@k on 2,000 drawn queries) and 10M instances"
     )
-    r.add_argument("--sections", default="stages,indexes,two_stage,end_to_end,cluster", help="comma-separated subset")
+    r.add_argument(
+        "--sections", default="stages,indexes,two_stage,end_to_end,cluster,serving", help="comma-separated subset"
+    )
     r.add_argument("--name", default="", help="suffix of the report's name (a part run beside a full one)")
     r.add_argument(
         "--index-sizes", help="instances per search-at-scale tier (default 50000,250000,1000000; --full adds 10M)"
