@@ -215,14 +215,8 @@ class Front:
         requests that ask one gallery the same way sent to its shards as one call."""
         start = time.perf_counter()
         self.metrics.batch.observe(len(requests))
-        out: dict[int, SearchResponse | RequestError] = {}
-        target = {}
-        for i, r in enumerate(requests):
-            try:
-                target[i] = self._gallery(r.gallery)
-            except RequestError as e:
-                out[i] = e
-        plan = Plan.of(requests, target)
+        plan = Plan.of(requests, self._gallery)
+        out: dict[int, SearchResponse | RequestError] = dict(plan.refused)
         if plan.texts:
             with self.metrics.stage.labels("encode").time():
                 vectors, cut = await asyncio.to_thread(self.encode, plan.texts)
@@ -230,7 +224,7 @@ class Front:
             r = requests[members[0]]
             args = (vectors[plan.rows(requests, members)], r.k, r.per_image, r.tags)
             deadline = time.monotonic() + self.deadline_s
-            shards = self.galleries[target[members[0]]]
+            shards = self.galleries[plan.target[members[0]]]
             with self.metrics.stage.labels("search").time():
                 answers = await asyncio.gather(*(self._ask(h, args, deadline) for h in shards))
             with self.metrics.stage.labels("merge").time():

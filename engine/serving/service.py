@@ -75,10 +75,18 @@ class Plan:
     texts: list[str]
     row: dict[str, int]  # text -> its row in the encoded matrix
     groups: list[list[int]]  # request indices
+    target: dict[int, Hashable]  # request index -> what it searches
+    refused: dict[int, RequestError]  # request index -> why it may not be searched
 
     @classmethod
-    def of(cls, requests: list[SearchRequest], target: dict[int, Hashable]) -> Plan:
-        """`target`: request index -> what it searches (the requests missing from it were refused)."""
+    def of(cls, requests: list[SearchRequest], resolve: Callable[[str | None], Hashable]) -> Plan:
+        """`resolve(gallery name)`: what a request searches, or the RequestError that refuses it."""
+        target, refused = {}, {}
+        for i, r in enumerate(requests):
+            try:
+                target[i] = resolve(r.gallery)
+            except RequestError as e:
+                refused[i] = e
         todo = sorted(target)
         texts = sorted({t for i in todo for t in requests[i].texts})
         groups: dict[tuple, list[int]] = {}
@@ -86,7 +94,7 @@ class Plan:
             r = requests[i]
             key = (target[i], r.k, r.per_image, tuple(sorted((r.tags or {}).items())))
             groups.setdefault(key, []).append(i)
-        return cls(texts, {t: j for j, t in enumerate(texts)}, list(groups.values()))
+        return cls(texts, {t: j for j, t in enumerate(texts)}, list(groups.values()), target, refused)
 
     def rows(self, requests: list[SearchRequest], members: list[int]) -> list[int]:
         """The encoded rows of a group's texts, request by request."""
@@ -164,21 +172,15 @@ class SearchService(Client):
         """Requests that arrived together: every text encoded in one call, and the requests
         that ask the same gallery the same way searched together. Each gets its answer, or
         the RequestError that refuses it (one bad request does not fail the others)."""
-        out: dict[int, SearchResponse | RequestError] = {}
-        galleries = {}
-        for i, r in enumerate(requests):
-            try:
-                galleries[i] = self.gallery(r.gallery)
-            except RequestError as e:
-                out[i] = e
-        plan = Plan.of(requests, {i: id(g) for i, g in galleries.items()})
+        plan = Plan.of(requests, self.gallery)
+        out: dict[int, SearchResponse | RequestError] = dict(plan.refused)
         if plan.texts:
             with self.metrics.stage.labels("encode").time():
                 vectors, cut = self.encode(plan.texts)
         with self.metrics.stage.labels("search").time():
             for members in plan.groups:
                 r, queries = requests[members[0]], vectors[plan.rows(requests, members)]
-                hits = galleries[members[0]].search(queries, r.k, r.per_image, r.tags)
+                hits = plan.target[members[0]].search(queries, r.k, r.per_image, r.tags)
                 out.update(plan.split(requests, members, hits, cut))
         for a in out.values():
             self.metrics.outcome(outcome_of(a))
