@@ -5,10 +5,13 @@ one deployment per shard (R replicas each), then merges the per-shard top-k exac
     200          its response; 4xx {"error": {"code", "message"}}: the same message every path gives
     GET  /reir/healthz, /reir/docs (OpenAPI, from the contract's schema)
 
-Requests that arrive together are answered together (`@serve.batch`): their texts are
-encoded in one call, off the event loop, and each shard gets one call per batch. The front
-admits a request only while the work ahead of it fits the batch policy's queue bound
-(engine/serving/batching.py); past it a request gets 503 with Retry-After at once. Shard
+Requests that arrive together are answered together, by the same `Batcher` and
+`SearchService` as in process (engine/serving/batching.py): what queued while the last
+batch ran is encoded in one call, off the event loop, and each shard gets one call per
+batch. (Serve's `@serve.batch` forms batches from a timer instead: with a short timer a
+closed loop of 16 clients got batches of one, and a long one makes a lone request wait.)
+The front admits a request only while the work ahead of it fits the batch policy's queue
+bound; past it a request gets 503 with Retry-After at once. Shard
 replicas follow their gallery's writer, so new and removed images are served within about
 a second. GET /reir/metrics: Prometheus text (engine/serving/metrics.py).
 
@@ -49,7 +52,7 @@ from reir.engine.gallery.gallery import Gallery, GalleryMeta, merge_hits
 from reir.engine.gallery.records import Hit
 from reir.engine.runtime.bundle import Bundle
 from reir.engine.runtime.engine import Engine
-from reir.engine.serving.batching import Admission, BatchPolicy
+from reir.engine.serving.batching import Batcher, BatchPolicy
 from reir.engine.serving.contract import (
     MAX_BODY_BYTES,
     RequestError,
@@ -57,8 +60,8 @@ from reir.engine.serving.contract import (
     SearchResponse,
     Unavailable,
 )
-from reir.engine.serving.metrics import CONTENT_TYPE, Metrics, shard_state
-from reir.engine.serving.service import GalleryRoot, Plan, gallery_refusal, not_found, outcome_of
+from reir.engine.serving.metrics import CONTENT_TYPE, shard_state
+from reir.engine.serving.service import GalleryRoot, SearchService, gallery_refusal, not_found
 
 log = logging.getLogger("reir.serve")
 # a replica that is gone or busy: ask another one of the same shard
@@ -99,7 +102,7 @@ async def _overloaded(_request: Request, e: Unavailable) -> JSONResponse:
     return JSONResponse(body, status_code=503, headers={"Retry-After": str(max(1, math.ceil(e.retry_after)))})
 
 
-async def contract_body(request: Request) -> SearchRequest:
+async def _read_body(request: Request) -> SearchRequest:
     """The body, read up to the contract's size limit, parsed by the contract."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
@@ -110,6 +113,16 @@ async def contract_body(request: Request) -> SearchRequest:
         if len(body) > MAX_BODY_BYTES:
             raise RequestError("body", f"more than {MAX_BODY_BYTES:,} bytes", http_status=413)
     return SearchRequest.from_json(bytes(body))
+
+
+async def contract_body(request: Request) -> SearchRequest:
+    """The request, or the contract's 4xx, counted as the front's `invalid` outcome (a body
+    refused here never reaches the batcher, which counts the rest)."""
+    try:
+        return await _read_body(request)
+    except RequestError:
+        request.app.state.metrics.outcome("invalid")
+        raise
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0})
@@ -128,6 +141,58 @@ class ShardSearch:
     def state(self) -> dict:
         """What the gallery gauges show of this shard (metrics)."""
         return shard_state(self.gallery.shards[0])
+
+
+class ShardFanOut(SearchService):
+    """The search service over shard replicas: a group's queries go to every shard of its
+    gallery in one call each, and the per-shard top-k are merged exactly. Runs on the
+    `Batcher`'s worker thread (blocking handle calls, never on the event loop)."""
+
+    def __init__(self, encode, bundle: Bundle, root: str, default, galleries: dict, refused: dict, deadline_s, retries):
+        super().__init__(encode, bundle.model_id, bundle.dim, root, default, follow_s=None)
+        self.shards = {self.root.path(n): h for n, h in galleries.items()}
+        self.names = {self.root.path(n): n for n in galleries}
+        self.refused = {self.root.path(n): RequestError("gallery", why) for n, why in refused.items()}
+        self.deadline_s, self.retries = deadline_s, retries
+
+    def gallery(self, name: str | None) -> Path:
+        path = self.root.path(name)
+        if path in self.refused:
+            raise self.refused[path]
+        if path not in self.shards:
+            raise not_found(self.root.name(name))
+        return path
+
+    def search_group(self, path: Path, queries: np.ndarray, request: SearchRequest) -> tuple[list, tuple[int, ...]]:
+        args = (queries, request.k, request.per_image, request.tags)
+        with self.metrics.stage.labels("search").time():
+            answers = self._ask(self.shards[path], args, time.monotonic() + self.deadline_s)
+        with self.metrics.stage.labels("merge").time():
+            missing = tuple(s for s, a in enumerate(answers) if a is None)
+            hits = [merge_hits([a[q] for a in answers if a is not None], request.k) for q in range(len(queries))]
+        return hits, missing
+
+    def _ask(self, handles: list, args: tuple, deadline: float) -> list:
+        """Every shard's answer, each retried on another replica until the deadline; None
+        for a shard with none in time. Anything a shard's code raises propagates (a bug,
+        not a gap)."""
+        calls = {s: h.search.remote(*args) for s, h in enumerate(handles)}
+        tries, answers = dict.fromkeys(calls, 0), [None] * len(handles)
+        while calls:
+            s, call = next(iter(calls.items()))
+            try:
+                answers[s] = call.result(timeout_s=max(deadline - time.monotonic(), 0.001))
+                del calls[s]
+            except (*RETRYABLE, TimeoutError) as e:
+                call.cancel()
+                tries[s] += 1
+                if tries[s] > self.retries or time.monotonic() >= deadline:
+                    del calls[s]
+                    continue
+                log.warning("shard %d call failed (%s), retrying", s, type(e).__name__)
+                time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
+                calls[s] = handles[s].search.remote(*args)
+        return answers
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0})
@@ -152,23 +217,18 @@ class Front:
         whose `encode_query` encodes the text, instead of ONNX Runtime here. policy: the
         batch size and the queue bound past which requests get 503 (engine/serving/batching.py)."""
         keep_replica_listener_on_node()
+        b = Bundle.open(bundle)
         if encoder:
             from reir.engine.serving.triton_client import TritonRetriever  # tritonclient: the triton extra
 
-            self.encode = TritonRetriever(encoder).encode
+            encode = TritonRetriever(encoder).encode
         else:
-            self.encode = Engine(Bundle.open(bundle), threads=threads).encode
+            encode = Engine(b, threads=threads).encode
         names = [*galleries, *refused]
-        self.root = GalleryRoot(root, default or (names[0] if len(names) == 1 else None))
-        self.galleries = {self.root.path(n): h for n, h in galleries.items()}
-        self.names = {self.root.path(n): n for n in galleries}
-        self.refused = {self.root.path(n): RequestError("gallery", why) for n, why in refused.items()}
-        self.deadline_s, self.retries = deadline_s, retries
-        self.policy = policy or BatchPolicy()
-        self.admission = Admission(self.policy.max_queue_s, self.policy.max_batch)
-        self.metrics = Metrics()
-        self.waiting = 0  # admitted requests not yet answered
-        self._answer_many.set_max_batch_size(self.policy.max_batch)
+        default = default or (names[0] if len(names) == 1 else None)
+        self.service = ShardFanOut(encode, b, root, default, galleries, refused, deadline_s, retries)
+        self.batcher = Batcher(self.service, policy)
+        api.state.metrics = self.service.metrics
 
     @api.post("/", openapi_extra=BODY)
     async def search(self, request: SearchRequest = Depends(contract_body)) -> JSONResponse:  # noqa: B008
@@ -176,85 +236,23 @@ class Front:
 
     @api.get("/healthz")
     async def healthz(self) -> dict:
-        return {"status": "ok", "galleries": sorted(p.name for p in self.galleries)}
+        return {"status": "ok", "galleries": sorted(p.name for p in self.service.shards)}
 
     @api.get("/metrics")
     async def metrics(self) -> Response:
         """Prometheus text: this front's requests, stages, batches and queue; each shard's
         generation, rows and agreement as one of its replicas reports them."""
-        for path, shards in self.galleries.items():
+        for path, shards in self.service.shards.items():
             states = await asyncio.gather(*(h.state.remote() for h in shards), return_exceptions=True)
             for st in states:
                 if isinstance(st, dict):
-                    self.metrics.shard(self.names[path], st)
-        return Response(self.metrics.render(), media_type=CONTENT_TYPE)
+                    self.service.metrics.shard(self.service.names[path], st)
+        return Response(self.service.metrics.render(), media_type=CONTENT_TYPE)
 
     async def answer(self, request: SearchRequest) -> SearchResponse:
         """Admitted when the work ahead fits the policy's queue bound (else Unavailable: 503),
-        then answered in a batch with the requests that arrived with it."""
-        try:
-            self.admission.check(self.waiting)
-        except Unavailable:
-            self.metrics.outcome("refused")
-            raise
-        self.waiting += 1
-        self.metrics.queue.set(self.waiting)
-        try:
-            result = await self._answer_many(request)
-        finally:
-            self.waiting -= 1
-            self.metrics.queue.set(self.waiting)
-        self.metrics.outcome(outcome_of(result))
-        if isinstance(result, Exception):
-            raise result
-        return result
-
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.001)
-    async def _answer_many(self, requests: list[SearchRequest]) -> list[SearchResponse | RequestError]:
-        """One batch: every text encoded in one call (off the event loop), each group of
-        requests that ask one gallery the same way sent to its shards as one call."""
-        start = time.perf_counter()
-        self.metrics.batch.observe(len(requests))
-        plan = Plan.of(requests, self._gallery)
-        out: dict[int, SearchResponse | RequestError] = dict(plan.refused)
-        if plan.texts:
-            with self.metrics.stage.labels("encode").time():
-                vectors, cut = await asyncio.to_thread(self.encode, plan.texts)
-        for members in plan.groups:
-            r = requests[members[0]]
-            args = (vectors[plan.rows(requests, members)], r.k, r.per_image, r.tags)
-            deadline = time.monotonic() + self.deadline_s
-            shards = self.galleries[plan.target[members[0]]]
-            with self.metrics.stage.labels("search").time():
-                answers = await asyncio.gather(*(self._ask(h, args, deadline) for h in shards))
-            with self.metrics.stage.labels("merge").time():
-                missing = tuple(s for s, a in enumerate(answers) if a is None)
-                hits = [merge_hits([a[q] for a in answers if a is not None], r.k) for q in range(len(args[0]))]
-                out.update(plan.split(requests, members, hits, cut, missing))
-        self.admission.answered(len(requests), time.perf_counter() - start)
-        return [out[i] for i in range(len(requests))]
-
-    def _gallery(self, name: str | None) -> Path:
-        path = self.root.path(name)
-        if path in self.refused:
-            raise self.refused[path]
-        if path not in self.galleries:
-            raise not_found(self.root.name(name))
-        return path
-
-    async def _ask(self, handle, args: tuple, deadline: float) -> list[list[Hit]] | None:
-        """One shard's answer, retried on another replica until the deadline; None when it
-        has none in time. Anything the shard's code raises propagates (a bug, not a gap)."""
-        for _ in range(self.retries + 1):
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return None
-            try:
-                return await asyncio.wait_for(handle.search.remote(*args), timeout=left)
-            except (*RETRYABLE, asyncio.TimeoutError) as e:
-                log.warning("shard call failed (%s), retrying", type(e).__name__)
-                await asyncio.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
-        return None
+        then answered by the batcher with the requests that queued while it was busy."""
+        return await asyncio.wrap_future(self.batcher.submit(request))
 
 
 def build_app(
@@ -266,6 +264,7 @@ def build_app(
     encoder: str | None = None,
     default: str | None = None,
     policy: BatchPolicy | None = None,
+    threads: int = 2,
 ):
     """The Serve application: a Front and, per gallery, one ShardSearch deployment per
     shard. `galleries` are directory names under `root`; one indexed with another model
@@ -292,7 +291,15 @@ def build_app(
     # not a queue in Serve's router, decides who waits (and who gets a fast 503)
     front = Front.options(max_ongoing_requests=FRONT_ONGOING)
     return front.bind(
-        str(b.path), str(names.root), handles, refused, default, deadline_s, encoder=encoder, policy=policy
+        str(b.path),
+        str(names.root),
+        handles,
+        refused,
+        default,
+        deadline_s,
+        threads=threads,
+        encoder=encoder,
+        policy=policy,
     )
 
 

@@ -205,3 +205,47 @@ def test_checked_in_reference_configs_match_the_generator(tmp_path):
     assert generated == checked_in and len(generated) == 13
     for rel in generated:
         assert (tmp_path / rel).read_text() == (ROOT / "triton_models" / rel).read_text(), rel
+
+
+def test_retrieve_reports_reir_metrics_and_refuses_past_its_queue(triton, served_root):
+    """Triton's own endpoint carries the reir_* series (requests by outcome, stages, batch
+    sizes, each gallery's state), and a burst far past the retrieve queue's bound gets fast
+    UNAVAILABLE refusals (the client's Unavailable), not minutes in a queue."""
+    import time
+    import urllib.request
+    from concurrent.futures import ThreadPoolExecutor
+
+    from reir.engine.serving.contract import RequestError, Unavailable
+    from reir.engine.serving.triton_client import TritonRetriever
+
+    _, texts = served_root
+    client = TritonRetriever(f"grpc://{triton.grpc_url}", retries=0)
+    client.search(texts[0], k=3)
+    with pytest.raises(RequestError):
+        client.answer_json(b'{"text": 7}')
+
+    def one(t: str):
+        start = time.perf_counter()
+        try:
+            TritonRetriever(f"grpc://{triton.grpc_url}", retries=0).search(t, k=3)
+            return "ok", time.perf_counter() - start
+        except Unavailable:
+            return "refused", time.perf_counter() - start
+
+    burst = [texts[i % len(texts)] + f" #{i}" for i in range(400)]  # unique: no batch shares a text
+    with ThreadPoolExecutor(128) as pool:
+        outcomes = list(pool.map(one, burst))
+    refused = [s for o, s in outcomes if o == "refused"]
+    assert refused, "400 requests from 128 threads never filled a 32-deep queue"
+    assert any(o == "ok" for o, _ in outcomes)
+    # a refusal is answered once the 50 ms queue bound passes, not after the whole backlog
+    assert sorted(refused)[len(refused) // 2] < 1.0, sorted(refused)[len(refused) // 2]
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{triton.metrics_port}/metrics", timeout=10).read().decode()
+    series = {line.split(" ")[0]: float(line.split(" ")[-1]) for line in text.splitlines() if line.startswith("reir_")}
+    assert series['reir_requests_total{outcome="ok"}'] >= 1 + sum(o == "ok" for o, _ in outcomes) - 1
+    assert series['reir_requests_total{outcome="invalid"}'] >= 1
+    assert series['reir_stage_seconds_count{stage="encode"}'] >= 1
+    assert series["reir_batch_size_count"] >= 1 and series["reir_batch_size_sum"] > series["reir_batch_size_count"]
+    assert series['reir_gallery_rows{gallery="main",shard="0"}'] > 0
+    assert 'reir_gallery_generation{gallery="main",shard="0"}' in series

@@ -11,12 +11,14 @@
 Each service owns its registry, so two services in one process (or a test) never share
 counters. The embedded path renders it with `render()`; the Ray Serve app serves it at
 GET /reir/metrics; Triton's `retrieve` model reports the same names through Triton's own
-metrics endpoint (:8002).
+metrics endpoint (:8002), by `triton_families`.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
+from contextlib import contextmanager
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -28,24 +30,24 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 class Metrics:
-    def __init__(self, before_render: Callable[[], None] | None = None) -> None:
-        """`before_render()`: brings the gauges up to date at each scrape (the galleries')."""
+    def __init__(self, before_render: Callable[[], None] | None = None, families=None) -> None:
+        """`before_render()`: brings the gauges up to date at each scrape (the galleries').
+        `families`: where the series live, prometheus_client's registry here (None) or
+        Triton's metrics API inside a Triton model (`triton_families(pb_utils)`)."""
         self.before_render = before_render
         self.registry = CollectorRegistry()
-        r = self.registry
-        self.requests = Counter("reir_requests", "Search requests by outcome", ["outcome"], registry=r)
+        make = families or _prometheus(self.registry)
+        self.requests = make("counter", "reir_requests", "Search requests by outcome", ["outcome"])
         for outcome in OUTCOMES:  # every series exists from the start: a rate of 0 is a fact
             self.requests.labels(outcome)
-        self.stage = Histogram(
-            "reir_stage_seconds", "Time per stage of a request", ["stage"], buckets=LATENCY_BUCKETS, registry=r
-        )
-        self.batch = Histogram("reir_batch_size", "Requests answered per batch", buckets=BATCH_BUCKETS, registry=r)
-        self.queue = Gauge("reir_queue_depth", "Requests waiting for a batch", registry=r)
+        self.stage = make("histogram", "reir_stage_seconds", "Time per stage of a request", ["stage"], LATENCY_BUCKETS)
+        self.batch = make("histogram", "reir_batch_size", "Requests answered per batch", [], BATCH_BUCKETS)
+        self.queue = make("gauge", "reir_queue_depth", "Requests waiting for a batch", [])
         shard = ["gallery", "shard"]
-        self.generation = Gauge("reir_gallery_generation", "Committed generation served", shard, registry=r)
-        self.rows = Gauge("reir_gallery_rows", "Live instances served", shard, registry=r)
-        self.agreement = Gauge(
-            "reir_gallery_agreement", "Agreement with the exact ranking", [*shard, "measure"], registry=r
+        self.generation = make("gauge", "reir_gallery_generation", "Committed generation served", shard)
+        self.rows = make("gauge", "reir_gallery_rows", "Live instances served", shard)
+        self.agreement = make(
+            "gauge", "reir_gallery_agreement", "Agreement with the exact ranking", [*shard, "measure"]
         )
 
     def outcome(self, outcome: str, n: int = 1) -> None:
@@ -76,3 +78,64 @@ def shard_state(shard) -> dict:
     # an exact scan is the ranking itself; the index's figures are its last self-check's
     agreement = {m: float(cal[m]) for m in ("top1", "top10")} if index.uses_candidates else {"top1": 1.0, "top10": 1.0}
     return {"shard": shard.number, "generation": shard.generation, "rows": index.store.live, "agreement": agreement}
+
+
+def _prometheus(registry: CollectorRegistry):
+    kinds = {"counter": Counter, "gauge": Gauge, "histogram": Histogram}
+
+    def make(kind: str, name: str, doc: str, labels: list[str], buckets=None):
+        extra = {"buckets": buckets} if buckets else {}
+        return kinds[kind](name, doc, labels, registry=registry, **extra)
+
+    return make
+
+
+def triton_families(pb_utils):
+    """The same series through Triton's custom metrics (its python backend's MetricFamily),
+    so Triton's own endpoint (:8002/metrics) shows them beside its queue and compute times."""
+
+    def make(kind: str, name: str, doc: str, labels: list[str], buckets=None):
+        if kind == "counter":
+            name += "_total"  # the name prometheus_client gives a counter's series
+        family = pb_utils.MetricFamily(name=name, description=doc, kind=getattr(pb_utils.MetricFamily, kind.upper()))
+        return _TritonSeries(family, labels, buckets)
+
+    return make
+
+
+class _TritonSeries:
+    """prometheus_client's calls (labels, inc, set, observe, time) on a Triton metric family."""
+
+    def __init__(self, family, names: list[str], buckets=None, values: tuple = ()):
+        self.family, self.names, self.buckets = family, names, buckets
+        self._children: dict[tuple, _TritonSeries] = {}
+        self._metric = None
+        if len(values) == len(names):
+            extra = {"buckets": [float(b) for b in buckets]} if buckets else {}
+            self._metric = family.Metric(labels=dict(zip(names, values, strict=True)), **extra)
+
+    def labels(self, *values) -> _TritonSeries:
+        key = tuple(str(v) for v in values)
+        if key not in self._children:
+            self._children[key] = _TritonSeries(self.family, self.names, self.buckets, key)
+        return self._children[key]
+
+    def _one(self):
+        return self._metric if self._metric is not None else self.labels()._metric
+
+    def inc(self, n: float = 1) -> None:
+        self._one().increment(float(n))
+
+    def set(self, value: float) -> None:
+        self._one().set(float(value))
+
+    def observe(self, value: float) -> None:
+        self._one().observe(float(value))
+
+    @contextmanager
+    def time(self):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.observe(time.perf_counter() - start)

@@ -2,9 +2,9 @@
 
 What a server runs: Triton's `retrieve` model is this service with Triton's `encode_query`
 as its encoder; `SearchService.embedded(engine, root)` is the same in a Python process.
-The Ray Serve app fans a request out to shard replicas instead, but names, checks and
-refuses galleries with the same `GalleryRoot` and `gallery_refusal`, so every path gives
-the same answer and the same error for the same request.
+The Ray Serve app's front is this service too, with its `gallery()` and `search()` fanning
+a group out to shard replicas (cluster/serving.py), so every path plans, encodes, refuses
+and answers a batch with the same code and gives the same error for the same request.
 """
 
 from __future__ import annotations
@@ -122,12 +122,14 @@ class SearchService(Client):
         root: str | Path,
         default_gallery: str | None = None,
         follow_s: float | None = EVERY_S,
+        families=None,
     ):
         """`encode(texts) -> (query vectors, truncated flags)`: the engine's, or a server's.
-        `follow_s`: how often the open galleries catch up with their writers (None: never)."""
+        `follow_s`: how often the open galleries catch up with their writers (None: never).
+        `families`: where the metrics live (engine/serving/metrics.py; None: its own registry)."""
         self.encode, self.model_id, self.dim = encode, model_id, dim
         self.root = GalleryRoot(root, default_gallery)
-        self.metrics = Metrics(before_render=self._gauges)
+        self.metrics = Metrics(before_render=self.update_gauges, families=families)
         self._open: dict[Path, tuple[str, Gallery]] = {}
         self._lock = threading.Lock()
         self._follower = Follower(self._following, follow_s) if follow_s else None
@@ -158,7 +160,8 @@ class SearchService(Client):
         with self._lock:
             return list(self._open.values())
 
-    def _gauges(self) -> None:
+    def update_gauges(self) -> None:
+        """Each open gallery's generation, rows and agreement into the gauges."""
         for name, g in self._following():
             self.metrics.gallery(name, g)
 
@@ -177,14 +180,19 @@ class SearchService(Client):
         if plan.texts:
             with self.metrics.stage.labels("encode").time():
                 vectors, cut = self.encode(plan.texts)
-        with self.metrics.stage.labels("search").time():
-            for members in plan.groups:
-                r, queries = requests[members[0]], vectors[plan.rows(requests, members)]
-                hits = plan.target[members[0]].search(queries, r.k, r.per_image, r.tags)
-                out.update(plan.split(requests, members, hits, cut))
+        for members in plan.groups:
+            r, queries = requests[members[0]], vectors[plan.rows(requests, members)]
+            hits, missing = self.search_group(plan.target[members[0]], queries, r)
+            out.update(plan.split(requests, members, hits, cut, missing))
         for a in out.values():
             self.metrics.outcome(outcome_of(a))
         return [out[i] for i in range(len(requests))]
+
+    def search_group(self, gallery, queries: np.ndarray, request: SearchRequest) -> tuple[list, tuple[int, ...]]:
+        """One group's search (`gallery`: what `gallery()` resolved): each query's hits, and
+        the shards that did not answer (none in process; a fan-out over replicas overrides this)."""
+        with self.metrics.stage.labels("search").time():
+            return gallery.search(queries, request.k, request.per_image, request.tags), ()
 
     def close(self) -> None:
         if self._follower is not None:

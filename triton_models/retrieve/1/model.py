@@ -15,11 +15,13 @@ stays INTERNAL, so monitoring can tell them apart.
 """
 
 import json
+import time
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from reir.engine.serving.contract import NOT_FOUND, RequestError, SearchRequest
+from reir.engine.serving.metrics import triton_families
 from reir.engine.serving.service import SearchService
 
 ENCODE_BATCH = 32  # encode_query's max_batch_size
@@ -30,8 +32,14 @@ class TritonPythonModel:
         cfg = json.loads(args["model_config"])
         p = {k: v["string_value"] for k, v in cfg.get("parameters", {}).items()}
         self.service = SearchService(
-            self.encode, p["model_id"], int(p["dim"]), p["gallery_root"], p.get("default_gallery") or None
+            self.encode,
+            p["model_id"],
+            int(p["dim"]),
+            p["gallery_root"],
+            p.get("default_gallery") or None,
+            families=triton_families(pb_utils),  # the reir_* series on Triton's :8002/metrics
         )
+        self.gauges_at = 0.0
 
     def encode(self, texts):
         """Query vectors and truncation flags from `encode_query`, in its batch size."""
@@ -58,10 +66,13 @@ class TritonPythonModel:
                     parsed.append(SearchRequest.from_json(raw if isinstance(raw, bytes) else str(raw)))
                 except RequestError as e:
                     parsed.append(e)
+                    self.service.metrics.outcome("invalid")
         valid = [j for j, p in enumerate(parsed) if not isinstance(p, RequestError)]
+        self.service.metrics.batch.observe(len(parsed))  # Triton's queue and its times are Triton's own metrics
         try:
             answers = dict(zip(valid, self.service.answer_batch([parsed[j] for j in valid]), strict=True))
         except Exception as e:  # the server's fault: every request of the batch gets it
+            self.service.metrics.outcome("error", len(valid))
             error = pb_utils.TritonError(f"retrieve: {e}")
             return [pb_utils.InferenceResponse(error=error) for _ in requests]
         out = []
@@ -74,6 +85,9 @@ class TritonPythonModel:
                 continue
             body = np.array([[json.dumps(a.to_json()).encode("utf-8")] for a in mine], dtype=object)
             out.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("RESPONSE", body)]))
+        if time.monotonic() - self.gauges_at > 1.0:  # Triton scrapes on its own: keep the gallery gauges fresh
+            self.service.update_gauges()
+            self.gauges_at = time.monotonic()
         return out
 
     def finalize(self):
