@@ -289,4 +289,24 @@ def _serving(sv: dict) -> list[str]:
     if added:
         shown = ", ".join(f"{n} {v} ms" for n, v in added.items())
         lines += [f"At one client, p50 added to the embedded batched call: {shown}.", ""]
+    floor = sv.get("serve_floor")
+    if floor:
+        f1, f16 = floor["1"], floor["16"]
+        cost = ", ".join(f"{k} {v}" for k, v in f16["cpu_ms_per_request"].items())
+        lines += [
+            f"Ray Serve's own floor, an empty deployment behind its HTTP proxy on this host: {f1['p50_ms']:.1f} ms "
+            f"p50 at one client, {f16['qps']} queries/s at 16 clients, CPU ms per request: {cost}.",
+            "",
+        ]
+    cpu = {n: p["cpu_ms_per_request_16"] for n, p in sv["paths"].items() if "cpu_ms_per_request_16" in p}
+    if cpu:
+        lines += ["CPU ms per request by process at 16 clients (where a served path's time goes):", ""]
+        lines += [_table([{"path": n, **c} for n, c in cpu.items()], ["path", *next(iter(cpu.values()))]), ""]
+    vis = sv.get("visibility")
+    if vis:
+        shown = "; ".join(
+            f"{n}: add {', '.join(map(str, v['add_s']))} s, removal {', '.join(map(str, v['remove_s']))} s"
+            for n, v in vis.items()
+        )
+        lines += [f"Live gallery, seconds from a writer's commit to the first answer showing it: {shown}.", ""]
     return [*lines, sv.get("triton", ""), ""]

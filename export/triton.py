@@ -153,12 +153,9 @@ def retrieve_config(m: dict[str, Any], gallery_root: str, default_gallery: str):
     pb = _pb()
     mc = pb.ModelConfig(name="retrieve", backend="python")
     _batching(mc, m["max_batch"], 200, [])
-    # admission: past one full batch waiting, or 50 ms in the queue, a request is refused
-    # at once with UNAVAILABLE (the client's Unavailable) instead of joining an unbounded queue
-    q = mc.dynamic_batching.default_queue_policy
-    q.max_queue_size = m["max_batch"]
-    q.timeout_action = pb.ModelQueuePolicy.REJECT
-    q.default_timeout_microseconds = RETRIEVE_QUEUE_US
+    # admission: past one full batch waiting, a request is refused at once with UNAVAILABLE
+    # (the client's Unavailable) instead of joining an unbounded queue
+    mc.dynamic_batching.default_queue_policy.max_queue_size = m["max_batch"]
     _tensor(mc.input, "REQUEST", "STRING", [1])
     _tensor(mc.output, "RESPONSE", "STRING", [1])
     params = {
@@ -174,7 +171,6 @@ def retrieve_config(m: dict[str, Any], gallery_root: str, default_gallery: str):
 
 
 VARIANTS = ("gpu-trt", "cpu", "pyort", "jetson")
-RETRIEVE_QUEUE_US = 50_000
 
 
 def configs(m: dict[str, Any], gallery_root: str, default_gallery: str) -> dict[str, Any]:

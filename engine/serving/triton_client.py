@@ -75,6 +75,9 @@ def _status(e: Exception) -> str:
     return str(status() if callable(status) else status or "")
 
 
+QUEUE_FULL_RETRY_S = 0.1
+
+
 def translate(e: Exception, where: str) -> Exception:
     """tritonclient's exception as the contract's: the request's fault (RequestError, with
     the server's message as every path words it), overload (Unavailable), or the service's."""
@@ -84,7 +87,8 @@ def translate(e: Exception, where: str) -> Exception:
     if status in ("StatusCode.NOT_FOUND", "404") and message.startswith("gallery: "):  # ours, not Triton's
         return RequestError.from_message(message, NOT_FOUND)
     if status in ("StatusCode.UNAVAILABLE", "503") or _unreachable(message):
-        return Unavailable(f"{where}: {message}")
+        # Triton sends no Retry-After: a full queue drains in about one batch, a down server does not
+        return Unavailable(f"{where}: {message}", QUEUE_FULL_RETRY_S if "queue" in message.lower() else 1.0)
     return ServiceError(f"{where}: {message}")
 
 

@@ -15,15 +15,31 @@ class TritonPythonModel:
         self.sess = session(Path(args["model_repository"]) / args["model_version"] / "model.onnx", "cpu", 1)
 
     def execute(self, requests):
-        out = []
-        for req in requests:  # each request is already a batch; shapes are checked by Triton
+        """The requests Triton batched together, run as one: each padded to the longest
+        sequence (masked, so its vectors do not change) and answered with its own rows."""
+        out, good = [None] * len(requests), []
+        for i, req in enumerate(requests):
+            ids = pb_utils.get_input_tensor_by_name(req, "input_ids").as_numpy().astype(np.int64)
+            mask = pb_utils.get_input_tensor_by_name(req, "attention_mask").as_numpy().astype(np.int64)
+            if ids.shape != mask.shape or ids.ndim != 2:
+                why = f"text_encoder: input_ids {list(ids.shape)} and attention_mask {list(mask.shape)}: two equal [batch, sequence] shapes"
+                out[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(why))
+            else:
+                good.append((i, ids, mask))
+        if good:
+            width = max(ids.shape[1] for _, ids, _ in good)
+            pad = [((0, 0), (0, width - ids.shape[1])) for _, ids, _ in good]
+            ids = np.concatenate([np.pad(a, p) for (_, a, _), p in zip(good, pad, strict=True)])
+            mask = np.concatenate([np.pad(m, p) for (_, _, m), p in zip(good, pad, strict=True)])
             try:
-                ids = pb_utils.get_input_tensor_by_name(req, "input_ids").as_numpy().astype(np.int64)
-                mask = pb_utils.get_input_tensor_by_name(req, "attention_mask").as_numpy().astype(np.int64)
-                if ids.shape != mask.shape:
-                    raise ValueError(f"input_ids {list(ids.shape)} and attention_mask {list(mask.shape)} differ")
-                q = self.sess.run(None, {"input_ids": ids, "attention_mask": mask})[0]
-                out.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("query", q.astype(np.float32))]))
+                q = self.sess.run(None, {"input_ids": ids, "attention_mask": mask})[0].astype(np.float32)
             except Exception as e:
-                out.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"text_encoder: {e}")))
+                for i, _, _ in good:
+                    out[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(f"text_encoder: {e}"))
+                return out
+            at = 0
+            for i, a, _ in good:
+                rows = q[at : at + len(a)]
+                at += len(a)
+                out[i] = pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("query", rows)])
         return out
