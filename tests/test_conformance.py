@@ -187,3 +187,71 @@ def test_the_serve_app_serves_its_schema_and_health(paths):
         assert json.loads(r.read())["galleries"] == ["main"]
     with urllib.request.urlopen(url + "/openapi.json", timeout=10) as r:
         assert "/" in json.loads(r.read())["paths"]
+
+
+def _fuzz_value(rng: np.random.Generator, depth: int = 0):
+    """A random JSON value: any type, sizes from empty to large, nesting up to a few levels."""
+    kind = rng.integers(0, 9 if depth < 3 else 6)
+    if kind == 0:
+        return None
+    if kind == 1:
+        return bool(rng.integers(0, 2))
+    if kind == 2:
+        return int(rng.choice([0, 1, -1, 5, 100, 101, 2**31, -(2**63), 10**30]))
+    if kind == 3:
+        return float(rng.choice([0.5, -1.0, 1e300, 10.0, float("nan"), float("inf")]))
+    if kind == 4:
+        return "".join(rng.choice(list("ab c\u00e9\u4e2d\U0001f600\x00\ud800")) for _ in range(rng.integers(0, 12)))
+    if kind == 5:
+        return "the red circle " * int(rng.integers(1, 40))
+    if kind == 6:
+        return [_fuzz_value(rng, depth + 1) for _ in range(rng.integers(0, 5))]
+    if kind == 7:
+        return {str(_fuzz_value(rng, 3)): _fuzz_value(rng, depth + 1) for _ in range(rng.integers(0, 4))}
+    return [[[["deep"]]]] * int(rng.integers(1, 3))
+
+
+def _fuzz_body(rng: np.random.Generator) -> bytes:
+    """A request body a careless or hostile client might send."""
+    shape = rng.integers(0, 6)
+    if shape == 0:  # a top-level value of any type
+        return json.dumps(_fuzz_value(rng)).encode()
+    if shape == 1:  # random bytes
+        return bytes(rng.integers(0, 256, size=int(rng.integers(0, 200)), dtype=np.uint8))
+    if shape == 2:  # a cut-off document
+        whole = json.dumps({"text": "a red circle", "k": 3, "tags": {"part": "1"}}).encode()
+        return whole[: int(rng.integers(0, len(whole)))]
+    if shape == 3:  # nesting of any depth
+        n = int(rng.integers(1, 20_000))
+        return b'{"text": ' + b"[" * n + b"]" * n + b"}"
+    fields = ["text", "k", "per_image", "tags", "gallery", "texts", "K", ""]
+    doc = {f: _fuzz_value(rng) for f in rng.choice(fields, size=int(rng.integers(0, 5)), replace=False)}
+    if shape == 4:
+        doc["text"] = "a red circle"  # mostly valid, one field wrong
+    return json.dumps(doc).encode()
+
+
+def test_any_malformed_request_gets_a_client_error_with_a_message_on_every_path(paths):
+    """300 generated bodies (seeded): every path answers each one, or refuses it with the
+    contract's RequestError (a 4xx, INVALID_ARGUMENT or NOT_FOUND on the wire) and the same
+    message; none is a server error."""
+    from reir.engine.serving.contract import SearchResponse
+
+    rng = np.random.default_rng(33)
+    refused = 0
+    for n in range(300):
+        body = _fuzz_body(rng)
+        seen = {}
+        for name, client in paths.items():
+            try:
+                answer = client.answer_json(body)
+                assert isinstance(answer, SearchResponse)
+                seen[name] = ("answered", len(answer.results))
+            except RequestError as e:
+                assert str(e).strip(), (name, body[:200])
+                seen[name] = ("refused", e.code, str(e))
+            except Exception as e:  # a 500, a dropped connection, a traceback: never
+                pytest.fail(f"case {n}, {name}: {type(e).__name__}: {e} for {body[:200]!r}")
+        assert len(set(seen.values())) == 1, (n, body[:200], seen)
+        refused += seen["embedded"][0] == "refused"
+    assert 150 <= refused < 300  # the generator makes wrong bodies, and some right ones
