@@ -22,7 +22,8 @@ class TritonPythonModel:
             ids = pb_utils.get_input_tensor_by_name(req, "input_ids").as_numpy().astype(np.int64)
             mask = pb_utils.get_input_tensor_by_name(req, "attention_mask").as_numpy().astype(np.int64)
             if ids.shape != mask.shape or ids.ndim != 2:
-                why = f"text_encoder: input_ids {list(ids.shape)} and attention_mask {list(mask.shape)}: two equal [batch, sequence] shapes"
+                shapes = f"input_ids {list(ids.shape)}, attention_mask {list(mask.shape)}"
+                why = f"text_encoder: {shapes}: need two equal [batch, sequence] shapes"
                 out[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(why))
             else:
                 good.append((i, ids, mask))
