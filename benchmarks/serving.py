@@ -15,6 +15,7 @@ by (one batch's encoding + search, per request).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import shutil
 import time
@@ -88,10 +89,7 @@ def run(bundle: Path, work: Path, images: int = 1000, requests: int = 400, pytho
             for t in pool.take(8):
                 warm.search(t)
             client = ServeRetriever(url)  # one connection per thread
-            with _ProcessCPU() as cpu:
-                sixteen = closed_loop(lambda u=url: ServeRetriever(u).search, pool.take(requests), 16)
-            result = _measure(lambda u=url: ServeRetriever(u).search, pool, requests, client.search)
-            result["cpu_ms_per_request_16"] = cpu.per_request(requests) | {"qps": sixteen["qps"]}
+            result = _measure(lambda u=url: ServeRetriever(u).search, pool, requests, client.search, cpu_at=16)
             result["one_client_added_ms"] = round(result["closed"][1]["p50_ms"] - unloaded, 2)
             if name == "serve_1shard":
                 live = lambda t, u=url: ServeRetriever(u).search(t, gallery="live")  # noqa: E731
@@ -225,13 +223,23 @@ class _Texts:
         return out
 
 
-def _measure(make_search, pool: _Texts, requests: int, send=None) -> dict:
-    closed = {c: closed_loop(make_search, pool.take(requests if c < 64 else 2 * requests), c) for c in CONCURRENCY}
+def _measure(make_search, pool: _Texts, requests: int, send=None, cpu_at: int | None = None) -> dict:
+    """cpu_at: the closed-loop concurrency whose CPU time per Ray process is recorded too."""
+    closed, cpu = {}, None
+    for c in CONCURRENCY:
+        n = requests if c < 64 else 2 * requests
+        watch = _ProcessCPU() if c == cpu_at else contextlib.nullcontext()
+        with watch:
+            closed[c] = closed_loop(make_search, pool.take(n), c)
+        if c == cpu_at:
+            cpu = watch.per_request(n) | {"qps": closed[c]["qps"]}
     send = send or make_search()
     seconds = requests / 133  # 3 s per rate at the report's 400 requests
     sweep = [open_loop(send, pool.take(max(8, int(rate * seconds))), rate) for rate in RATES]
     k = knee(sweep)
     result = {"closed": closed, "open": sweep, "knee_qps": k}
+    if cpu is not None:
+        result[f"cpu_ms_per_request_{cpu_at}"] = cpu
     if k:
         rate = 2 * k
         result["overload"] = open_loop(send, pool.take(max(8, int(rate * seconds))), rate) | {

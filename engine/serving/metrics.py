@@ -120,17 +120,14 @@ class _TritonSeries:
             self._children[key] = _TritonSeries(self.family, self.names, self.buckets, key)
         return self._children[key]
 
-    def _one(self):
-        return self._metric if self._metric is not None else self.labels()._metric
-
     def inc(self, n: float = 1) -> None:
-        self._one().increment(float(n))
+        self._metric.increment(float(n))
 
     def set(self, value: float) -> None:
-        self._one().set(float(value))
+        self._metric.set(float(value))
 
     def observe(self, value: float) -> None:
-        self._one().observe(float(value))
+        self._metric.observe(float(value))
 
     @contextmanager
     def time(self):

@@ -2,7 +2,7 @@
 
 What a server runs: Triton's `retrieve` model is this service with Triton's `encode_query`
 as its encoder; `SearchService.embedded(engine, root)` is the same in a Python process.
-The Ray Serve app's front is this service too, with its `gallery()` and `search()` fanning
+The Ray Serve app's front is this service too, with its `gallery()` and `search_group()` fanning
 a group out to shard replicas (cluster/serving.py), so every path plans, encodes, refuses
 and answers a batch with the same code and gives the same error for the same request.
 """
