@@ -148,12 +148,16 @@ class ShardFanOut(SearchService):
     gallery in one call each, and the per-shard top-k are merged exactly. Runs on the
     `Batcher`'s worker thread (blocking handle calls, never on the event loop)."""
 
+    GRACE_S = 1.0  # the least a shard is waited for (a healthy one answers in milliseconds)
+
     def __init__(self, encode, bundle: Bundle, root: str, default, galleries: dict, refused: dict, deadline_s, retries):
         super().__init__(encode, bundle.model_id, bundle.dim, root, default, follow_s=None)
         self.shards = {self.root.path(n): h for n, h in galleries.items()}
         self.names = {self.root.path(n): n for n in galleries}
         self.refused = {self.root.path(n): RequestError("gallery", why) for n, why in refused.items()}
         self.deadline_s, self.retries = deadline_s, retries
+        self.grace_s = min(self.GRACE_S, deadline_s)
+        self.down: set[tuple[Path, int]] = set()  # shards that missed their last wait (batcher thread only)
 
     def gallery(self, name: str | None) -> Path:
         path = self.root.path(name)
@@ -163,34 +167,46 @@ class ShardFanOut(SearchService):
             raise not_found(self.root.name(name))
         return path
 
-    def search_group(self, path: Path, queries: np.ndarray, request: SearchRequest) -> tuple[list, tuple[int, ...]]:
+    def search_group(
+        self, path: Path, queries: np.ndarray, request: SearchRequest, since: float
+    ) -> tuple[list, tuple[int, ...]]:
         args = (queries, request.k, request.per_image, request.tags)
         with self.metrics.stage.labels("search").time():
-            answers = self._ask(self.shards[path], args, time.monotonic() + self.deadline_s)
+            answers = self._ask(path, args, since)
         with self.metrics.stage.labels("merge").time():
             missing = tuple(s for s, a in enumerate(answers) if a is None)
             hits = [merge_hits([a[q] for a in answers if a is not None], request.k) for q in range(len(queries))]
         return hits, missing
 
-    def _ask(self, handles: list, args: tuple, deadline: float) -> list:
-        """Every shard's answer, each retried on another replica until the deadline; None
-        for a shard with none in time. Anything a shard's code raises propagates (a bug,
-        not a gap)."""
+    def _ask(self, path: Path, args: tuple, since: float) -> list:
+        """Every shard's answer, each retried on another replica until its wait ends; None
+        for a shard with none in time. The wait runs to the oldest request's deadline
+        (`since` + deadline_s), so a group queued behind one that waited out a dead shard
+        does not wait a second deadline; but every shard gets at least `grace_s`, so a late
+        group still hears from the healthy shards. A shard that missed its last wait gets
+        only `grace_s` until it answers again: while a shard is down, answers come back
+        partial at the usual rate instead of one batch per deadline. Anything a shard's
+        code raises propagates (a bug, not a gap)."""
+        handles = self.shards[path]
+        floor = time.monotonic() + self.grace_s
+        until = [floor if (path, s) in self.down else max(since + self.deadline_s, floor) for s in range(len(handles))]
         calls = {s: h.search.remote(*args) for s, h in enumerate(handles)}
         tries, answers = dict.fromkeys(calls, 0), [None] * len(handles)
         while calls:
             s, call = next(iter(calls.items()))
             try:
-                answers[s] = call.result(timeout_s=max(deadline - time.monotonic(), 0.001))
+                answers[s] = call.result(timeout_s=max(until[s] - time.monotonic(), 0.001))
                 del calls[s]
+                self.down.discard((path, s))
             except (*RETRYABLE, TimeoutError) as e:
                 call.cancel()
                 tries[s] += 1
-                if tries[s] > self.retries or time.monotonic() >= deadline:
+                if tries[s] > self.retries or time.monotonic() >= until[s]:
                     del calls[s]
+                    self.down.add((path, s))
                     continue
                 log.warning("shard %d call failed (%s), retrying", s, type(e).__name__)
-                time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
+                time.sleep(min(0.05, max(0.0, until[s] - time.monotonic())))
                 calls[s] = handles[s].search.remote(*args)
         return answers
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
+import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -58,12 +59,13 @@ def test_overload_is_refused_at_once_and_the_admitted_are_answered(served_root):
     batcher = Batcher(_service(root, follow_s=None), BatchPolicy(max_batch=4, max_queue_s=0.02))
     for t in texts[:4]:  # measured costs per request: what admission prices the queue at
         batcher.search(t)
-    outcomes, refusal_s = [], []
+    outcomes, refusal_s, answer_s = [], [], []
 
     def send(t):
         start = time.perf_counter()
         try:
             outcomes.append(batcher.search(t, k=5))
+            answer_s.append(time.perf_counter() - start)
         except Unavailable as e:
             refusal_s.append(time.perf_counter() - start)
             outcomes.append(e)
@@ -72,7 +74,10 @@ def test_overload_is_refused_at_once_and_the_admitted_are_answered(served_root):
         list(pool.map(send, texts[:48]))
     refused = [o for o in outcomes if isinstance(o, Unavailable)]
     assert refused and len(refused) < len(outcomes)
-    assert max(refusal_s) < 0.05 and all(e.retry_after > 0 for e in refused)
+    # refused without waiting for the worker: a ratio to the admitted in the same burst, not
+    # a wall-clock bound (48 threads on 2 cores can be descheduled for tens of ms)
+    assert statistics.median(refusal_s) < 0.1 * statistics.median(answer_s), (refusal_s, answer_s)
+    assert all(e.retry_after > 0 for e in refused)
     assert "overloaded" in str(refused[0]) and "ms of work" in str(refused[0])
     text = batcher.metrics.render().decode()
     assert _metric(text, 'reir_requests_total{outcome="refused"}') == len(refused)

@@ -107,7 +107,7 @@ class Batcher(Client):
             except Unavailable:
                 self.metrics.outcome("refused")
                 raise
-            self._queue.append((request, future, time.perf_counter()))
+            self._queue.append((request, future, time.monotonic()))
             self.metrics.queue.set(len(self._queue))
             self._cv.notify()
         return future
@@ -120,21 +120,21 @@ class Batcher(Client):
                     self._cv.wait()
                 if not self._queue:
                     return
-                until = time.perf_counter() + self.policy.linger_s
+                until = time.monotonic() + self.policy.linger_s
                 while loaded and len(self._queue) < self.policy.max_batch and not self._closed:
-                    left = until - time.perf_counter()
+                    left = until - time.monotonic()
                     if left <= 0:
                         break
                     self._cv.wait(left)
                 batch = [self._queue.popleft() for _ in range(min(self.policy.max_batch, len(self._queue)))]
                 self._busy = len(batch)
                 self.metrics.queue.set(len(self._queue))
-            start = time.perf_counter()
+            start = time.monotonic()
             for _, _, queued in batch:
                 self.metrics.stage.labels("queue").observe(start - queued)
             self.metrics.batch.observe(len(batch))
             try:
-                answers = self.service.answer_batch([r for r, _, _ in batch])
+                answers = self.service.answer_batch([r for r, _, _ in batch], since=batch[0][2])
             except Exception as e:  # the service's fault: each request of the batch gets it
                 self.metrics.outcome("error", len(batch))
                 answers = [e] * len(batch)
@@ -144,7 +144,7 @@ class Batcher(Client):
                 else:
                     future.set_result(a)
             with self._cv:
-                self.admission.answered(len(batch), time.perf_counter() - start)
+                self.admission.answered(len(batch), time.monotonic() - start)
                 self._busy = 0
                 loaded = bool(self._queue)
 

@@ -10,6 +10,7 @@ and answers a batch with the same code and gives the same error for the same req
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from pathlib import Path
@@ -171,10 +172,15 @@ class SearchService(Client):
             raise result
         return result
 
-    def answer_batch(self, requests: list[SearchRequest]) -> list[SearchResponse | RequestError]:
+    def answer_batch(
+        self, requests: list[SearchRequest], since: float | None = None
+    ) -> list[SearchResponse | RequestError]:
         """Requests that arrived together: every text encoded in one call, and the requests
         that ask the same gallery the same way searched together. Each gets its answer, or
-        the RequestError that refuses it (one bad request does not fail the others)."""
+        the RequestError that refuses it (one bad request does not fail the others).
+        `since`: when the oldest of them arrived (time.monotonic(); None: now), so that a
+        deadline counts the time a request queued, not only its batch's."""
+        since = time.monotonic() if since is None else since
         plan = Plan.of(requests, self.gallery)
         out: dict[int, SearchResponse | RequestError] = dict(plan.refused)
         if plan.texts:
@@ -182,15 +188,18 @@ class SearchService(Client):
                 vectors, cut = self.encode(plan.texts)
         for members in plan.groups:
             r, queries = requests[members[0]], vectors[plan.rows(requests, members)]
-            hits, missing = self.search_group(plan.target[members[0]], queries, r)
+            hits, missing = self.search_group(plan.target[members[0]], queries, r, since)
             out.update(plan.split(requests, members, hits, cut, missing))
         for a in out.values():
             self.metrics.outcome(outcome_of(a))
         return [out[i] for i in range(len(requests))]
 
-    def search_group(self, gallery, queries: np.ndarray, request: SearchRequest) -> tuple[list, tuple[int, ...]]:
+    def search_group(
+        self, gallery, queries: np.ndarray, request: SearchRequest, since: float
+    ) -> tuple[list, tuple[int, ...]]:
         """One group's search (`gallery`: what `gallery()` resolved): each query's hits, and
-        the shards that did not answer (none in process; a fan-out over replicas overrides this)."""
+        the shards that did not answer (none in process, where nothing waits on a deadline;
+        a fan-out over replicas overrides this)."""
         with self.metrics.stage.labels("search").time():
             return gallery.search(queries, request.k, request.per_image, request.tags), ()
 
