@@ -21,7 +21,8 @@ wrong request gets the same 4xx and message here as in process or through Triton
 
 A shard that does not answer within the request's deadline (its replicas are all down or
 stuck) after retries is left out and named: `partial: true`, `missing_shards: [2]`. A
-caller never waits past the deadline and never gets a silent gap. A replica that dies
+caller never waits past the deadline (counted from its arrival, plus at most a 1 s grace
+for the healthy shards) and never gets a silent gap. A replica that dies
 mid-call is retried on another replica of the same shard, so losing one replica loses no
 query. An exception raised by a shard's code is a bug, not a missing shard: it fails the
 request (500) and is logged.
