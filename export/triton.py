@@ -11,6 +11,8 @@ One repository serves every host; pick the variant with `--model-config-name`:
 its TensorRT accelerator (FP16), `configs/cpu.pbtxt` = onnxruntime on CPU,
 `configs/pyort.pbtxt` = ONNX Runtime inside python models (servers without the
 onnxruntime backend, e.g. nvidia-pytriton's), `configs/jetson.pbtxt` = TensorRT plans.
+A bundle with an int8 CPU text graph (`reir export cpu-text`) has it as
+text_encoder/1/model.cpu.onnx, and the two CPU configs run it, as the engine does on CPU.
 Every config is built as a `ModelConfig` protobuf here and written with `text_format`.
 """
 
@@ -25,6 +27,7 @@ from reir.engine.runtime.bundle import Bundle
 
 MODELS_SRC = Path(__file__).resolve().parents[1] / "triton_models"
 PYTHON_MODELS = ("tokenizer", "text_encoder", "visual_encoder", "retrieve")
+CPU_TEXT = "model.cpu.onnx"
 
 
 def _pb():
@@ -77,6 +80,8 @@ def text_encoder_config(m: dict[str, Any], variant: str):
     _tensor(mc.input, "attention_mask", "INT64", [seq])
     _tensor(mc.output, "query", "FP32", [m["embedding_dim"]])
     _instances(mc, "CPU" if variant in ("cpu", "pyort") else "GPU", 2 if variant == "cpu" else 1)
+    if variant in ("cpu", "pyort") and m["graphs"]["text_encoder"].get("cpu"):
+        mc.default_model_filename = CPU_TEXT  # the bundle's int8 CPU graph (export/cpu_text.py)
     _warmup(
         mc,
         "ids",
@@ -213,6 +218,8 @@ def write_repository(
         shutil.copyfile(bundle.path / "tokenizer.json", tmp / "tokenizer" / "1" / "tokenizer.json")
         for name in ("text_encoder", "visual_encoder"):
             shutil.copyfile(bundle.graph(name), tmp / name / "1" / "model.onnx")
+            if bundle.manifest["graphs"][name].get("cpu"):  # what the CPU configs run, as in process
+                shutil.copyfile(bundle.graph(name, optimized=True), tmp / name / "1" / CPU_TEXT)
             for plan in bundle.path.glob(f"{name}.*.plan"):  # engines built by `reir export trt`
                 shutil.copyfile(plan, tmp / name / "1" / "model.plan")
     return out

@@ -11,7 +11,7 @@ import platform
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -33,8 +33,9 @@ from reir.training.evaluate import torch_detector, torch_text_encoder
 from reir.training.text_branch import load_tokenizer
 
 from . import gates as G
+from .cpu_text import SENSITIVITY_TEXTS, quantize_text
 from .graphs import OPSET, export_text, export_visual, optimize
-from .precision import to_fp16, to_int8, to_w16
+from .precision import to_fp16, to_w16
 from .query_sample import expressions, write_query_sample
 from .ties import proposal_alternatives, routing_alternatives
 from .vocab import kept_ids, trim_embedding, trim_tokenizer
@@ -52,6 +53,7 @@ class _Probe:
     fp32: tuple  # the fp32 ONNX graphs in ONNX Runtime
     ties: tuple  # where the model's own choices tie (MORE routing, proposal ranks)
     text: dict[str, Any]  # the bundle's tokenizer entry
+    int8: dict[str, Any] = field(default_factory=dict)  # what the int8 text graph quantised and kept
 
     def encoders(self, text_graph: Path, visual_graph: Path, tokenizer_root: Path):
         tok = Bundle(tokenizer_root, {"text": self.text}).tokenizer()
@@ -125,6 +127,7 @@ def export_bundle(
                 "parity": parity,
                 "notes": notes,
                 "cpu_latency_ms": latency,
+                **({"int8": probe.int8} if probe.int8 else {}),
             },
             "versions": _versions(),
             "export_seconds": round(time.perf_counter() - t0, 1),
@@ -171,7 +174,7 @@ def _reduce(probe: _Probe, precision: str, vocab: bool, tmp: Path, work: Path, f
     (text graph, visual graph, precision per graph, their metrics). An fp16 text encoder that
     fails its gate alone is kept fp32 (MORE's top-2 routing flips near ties under fp16 noise;
     the text encoder runs once per query, the costly visual graph once per gallery image)."""
-    text_graph, visual_graph = _convert(precision, work)
+    text_graph, visual_graph = _convert(precision, work, probe, tmp)
     graph_precision = {"text_encoder": precision, "visual_encoder": "fp32" if precision == "int8" else precision}
     what = f"{precision}{' + trimmed vocabulary' if vocab else ''}"
     label = f"{precision}{'_vocab' if vocab else ''}_vs_fp32"
@@ -254,17 +257,20 @@ def _training_expressions(cfg, work_root: Path) -> tuple[list[str], str]:
     return texts, f"train expressions of the synthetic generator (seed {cfg.data.generate_seed})"
 
 
-def _convert(precision: str, work: Path) -> tuple[Path, Path]:
+def _convert(precision: str, work: Path, probe: _Probe, tmp: Path) -> tuple[Path, Path]:
     """The candidate graphs; the text graph starts from `text_fp32.onnx.in` (trimmed or not)."""
     text_in, visual_in = work / "text_fp32.onnx.in", work / "visual_fp32.onnx"
     if not text_in.exists():
         shutil.copyfile(work / "text_fp32.onnx", text_in)
-    convert = {"fp32": None, "fp16": to_fp16, "w16": to_w16, "int8": to_int8}[precision]
-    if convert is None:
+    if precision == "fp32":
         return text_in, visual_in
-    convert(text_in, work / f"text_{precision}.onnx")
-    if precision == "int8":  # quantised convolutions have no ORT CPU kernel
+    if precision == "int8":  # quantised convolutions have no ORT CPU kernel: only the text graph
+        texts = [e.text for e in sorted(probe.ds.split_expressions("test"), key=lambda e: e.id)]
+        tokenizer = Bundle(tmp, {"text": probe.text}).tokenizer()  # the trimmed one, if trimmed
+        probe.int8 = quantize_text(text_in, work / "text_int8.onnx", texts[-SENSITIVITY_TEXTS:], tokenizer, work)
         return work / "text_int8.onnx", visual_in
+    convert = {"fp16": to_fp16, "w16": to_w16}[precision]
+    convert(text_in, work / f"text_{precision}.onnx")
     convert(visual_in, work / f"visual_{precision}.onnx")
     return work / f"text_{precision}.onnx", work / f"visual_{precision}.onnx"
 

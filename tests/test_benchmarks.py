@@ -49,6 +49,22 @@ def test_two_stage_with_every_image_in_stage_one_ranks_like_clare(encoded):
 
 
 @pytest.mark.train
+def test_encoder_variants_are_measured_side_by_side_through_the_gallery(encoded, tmp_path):
+    """benchmarks/encoders.py on 60 images: fp32 is its own reference, int8 moves the queries a
+    little (not at all would mean it was not quantised), and retrieval comes from the gallery."""
+    from reir.benchmarks.encoders import markdown, run
+
+    b, g = encoded
+    out = run(b, g, tmp_path, ("fp32", "int8-channel"), n=40)
+    fp32, int8 = out["rows"]
+    assert fp32["cos_min"] == 1.0 and 0.9 < int8["cos_mean"] < 1.0
+    assert int8["mb"] < 0.6 * fp32["mb"]  # int8 weights and embedding table
+    assert fp32["p50_ms"] > 0 and fp32["batch16_ms_per_text"] > 0
+    assert 0 < fp32["mBR@10(0.5)"] <= 100 and abs(fp32["mBR@10(0.5)"] - int8["mBR@10(0.5)"]) < 30
+    text = markdown({"machine_label": "test", "command": "c", "date": "d", "encoders": out})
+    assert "| int8-channel |" in text and "(+0.0)" in text  # fp32's deltas to itself
+
+
 def test_step_comparison_times_both_configs_on_every_stage(tmp_path):
     pytest.importorskip("torch", reason="torch not installed (training extra)")
     from reir.benchmarks.recipe_steps import compare_steps

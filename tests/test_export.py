@@ -191,8 +191,9 @@ def test_tampered_bundle_is_refused_by_name(bundles, tmp_path):
 
 
 def test_failed_gate_refuses_the_export_and_leaves_nothing(tiny_run, tmp_path):
-    """One outlier weight in the query projection: per-tensor int8 rounds every other weight
-    of that tensor to a few levels, the int8 query drifts, the gate says so, and no bundle."""
+    """An outlier input feature in every product of the text tower: int8 rounds every output
+    channel's other weights to a few levels, the products kept fp32 cannot save the rest, the
+    int8 query drifts, the gate says so, and no bundle."""
     import torch
 
     from reir.export.gates import GateError
@@ -200,15 +201,52 @@ def test_failed_gate_refuses_the_export_and_leaves_nothing(tiny_run, tmp_path):
 
     _, _, ckpt = tiny_run
     state = torch.load(ckpt, map_location="cpu", weights_only=True)
-    last = max(int(k.split(".")[1]) for k in state["model"] if k.startswith("text_proj."))
+    poisoned = 0
     for k, w in state["model"].items():
-        if k.startswith(f"text_proj.{last}.") and w.dim() == 2:
-            w.view(-1)[0] = 200 * w.abs().max()
+        if k.startswith("text.model.encoder.") and k.endswith(".weight") and w.dim() == 2:
+            w[:, 0] = 200 * w.abs().max()
+            poisoned += 1
+    assert poisoned >= 6, sorted(state["model"])[:20]  # the tiny tower: q, k, v, out, FFN in and out
     bad = tmp_path / "outlier.pt"
     torch.save(state, bad)
     with pytest.raises(GateError, match="FAIL  text query min cosine vs fp32"):
         export_bundle(bad, tmp_path / "out", precision="int8", probe_images=60, log=lambda *_: None)
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
+
+
+def test_a_cpu_int8_text_graph_is_added_gated_and_run_on_cpu(bundles, tmp_path):
+    """`reir export cpu-text`: the int8 graph is derived from the bundle's own, gated against
+    it, checksummed in the manifest, and what the engine and Triton's CPU configs run on CPU;
+    the portable graph (GPU, TensorRT) is untouched."""
+    import shutil
+
+    import onnx
+
+    from reir.export.cpu_text import FILE, add_cpu_text
+    from reir.export.triton import configs
+
+    copy = tmp_path / "b"
+    shutil.copytree(bundles["fp32"], copy)
+    before = {p.name: p.read_bytes() for p in copy.iterdir() if p.name != "manifest.json"}
+    entry = add_cpu_text(copy, probe_images=100, log=lambda *_: None)
+    assert all(g["passed"] for g in entry["gates"]) and len(entry["gates"]) == 4
+    assert len(entry["kept_fp32"]) >= 1 and entry["int8"] >= 4 * len(entry["kept_fp32"])
+    b = Bundle.open(copy)  # every checksum, the new file's included
+    assert b.manifest["files"][FILE]["bytes"] == (copy / FILE).stat().st_size
+    assert all((copy / n).read_bytes() == data for n, data in before.items())
+    cpu, portable = b.graph("text_encoder", optimized=True), b.graph("text_encoder")
+    assert cpu.name == FILE and portable.name == "text_encoder.onnx"
+    ops = {n.op_type for n in onnx.load(str(cpu)).graph.node}
+    kept = {n.name for n in onnx.load(str(cpu)).graph.node if n.op_type == "MatMul"}
+    assert "MatMulInteger" in ops and set(entry["kept_fp32"]) <= kept
+    texts = ["the red circle left of the blue star", "a small green square", "the big yellow triangle"]
+    q_cpu, q_portable = b.text_encoder()(texts), b.text_encoder(optimized=False)(texts)
+    cos = (q_cpu * q_portable).sum(1) / np.linalg.norm(q_cpu, axis=1) / np.linalg.norm(q_portable, axis=1)
+    assert cos.min() >= 0.99 and not np.array_equal(q_cpu, q_portable)
+    made = configs(b.manifest, str(tmp_path), "")
+    assert made["text_encoder/configs/cpu.pbtxt"].default_model_filename == "model.cpu.onnx"
+    assert made["text_encoder/configs/pyort.pbtxt"].default_model_filename == "model.cpu.onnx"
+    assert made["text_encoder/config.pbtxt"].default_model_filename == ""  # the GPU runs the portable graph
 
 
 def _reir(*args: str) -> subprocess.CompletedProcess:

@@ -24,7 +24,7 @@ class RuntimeUnavailable(ReirError):
     pass
 
 
-def session(path: str | Path, device: str = "cpu", threads: int = 0):
+def session(path: str | Path | bytes, device: str = "cpu", threads: int = 0):
     """An InferenceSession; `threads` 0 lets ORT choose (set it on small shared hosts). With
     `threads` set, ORT's idle threads sleep instead of spinning: on a host shared with the
     search and the request threads, a spinning pool takes the cores they need (measured:
@@ -45,7 +45,8 @@ def session(path: str | Path, device: str = "cpu", threads: int = 0):
         opts.inter_op_num_threads = 1
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), opts, providers=PROVIDERS[device])
+    model = path if isinstance(path, bytes) else str(path)  # a file, or a serialised graph
+    return ort.InferenceSession(model, opts, providers=PROVIDERS[device])
 
 
 def _fixed(dim) -> int | None:

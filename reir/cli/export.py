@@ -2,6 +2,7 @@
 
 reir export bundle CHECKPOINT --out BUNDLE [...]    a gated ONNX bundle (torch, onnx)
 reir export trt BUNDLE [...]                       TensorRT engines, on the GPU host
+reir export cpu-text BUNDLE                        an int8 text encoder for CPU hosts (gated)
 reir export queries BUNDLE (--data D | --texts F)  the query sample a gallery fits its index to
 """
 
@@ -50,6 +51,14 @@ def register(sub) -> None:
     p.add_argument("--opt-batch", type=int, default=8, help="batch size the kernels are tuned for")
     p.set_defaults(handler=_trt)
 
+    p = x.add_parser("cpu-text", help="add an int8 text encoder for CPU hosts to a bundle (gated against its own)")
+    p.add_argument("bundle", type=Path)
+    p.add_argument(
+        "--keep", type=int, default=None, help="how many of the most sensitive products stay fp32 (default: a sixth)"
+    )
+    p.add_argument("--probe-images", type=int, default=300, help="synthetic gallery size for the accuracy gates")
+    p.set_defaults(handler=_cpu_text)
+
     p = x.add_parser("queries", help="write a bundle's query sample from a dataset split or a query log")
     p.add_argument("bundle", type=Path)
     src = p.add_mutually_exclusive_group(required=True)
@@ -96,6 +105,15 @@ def _trt(args: argparse.Namespace) -> int:
     plans = build_engines(args.bundle, args.precision, args.workspace, args.timing_cache, args.opt_batch)
     for p in plans:
         print(f"wrote {p} (+ {p.name}.json)")
+    return 0
+
+
+def _cpu_text(args: argparse.Namespace) -> int:
+    from reir.export.cpu_text import add_cpu_text
+
+    if args.keep is not None and args.keep < 0:
+        raise ValueError(f"--keep must be 0 or more, got {args.keep}")
+    add_cpu_text(args.bundle, args.probe_images, args.keep)
     return 0
 
 

@@ -1,7 +1,9 @@
 """Triton python model `text_encoder` (config `pyort`): the ONNX graph in onnxruntime, for
 servers without the onnxruntime backend (e.g. the CPU tritonserver of nvidia-pytriton).
-Production configs use `onnxruntime_onnx` or `tensorrt_plan` on the same model.onnx."""
+Production configs use `onnxruntime_onnx` or `tensorrt_plan` on the same model.onnx. The
+config's default_model_filename names the graph (model.cpu.onnx: a bundle's int8 CPU graph)."""
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +14,8 @@ from reir.engine.runtime.encoders import session
 
 class TritonPythonModel:
     def initialize(self, args):
-        self.sess = session(Path(args["model_repository"]) / args["model_version"] / "model.onnx", "cpu", 1)
+        name = json.loads(args["model_config"]).get("default_model_filename") or "model.onnx"
+        self.sess = session(Path(args["model_repository"]) / args["model_version"] / name, "cpu", 1)
 
     def execute(self, requests):
         """The requests Triton batched together, run as one: each padded to the longest
