@@ -80,8 +80,11 @@ def text_encoder_config(m: dict[str, Any], variant: str):
     _tensor(mc.input, "attention_mask", "INT64", [seq])
     _tensor(mc.output, "query", "FP32", [m["embedding_dim"]])
     _instances(mc, "CPU" if variant in ("cpu", "pyort") else "GPU", 2 if variant == "cpu" else 1)
-    if variant in ("cpu", "pyort") and m["graphs"]["text_encoder"].get("cpu"):
-        mc.default_model_filename = CPU_TEXT  # the bundle's int8 CPU graph (export/cpu_text.py)
+    if variant in ("cpu", "pyort") and m["graphs"]["text_encoder"].get("cpu"):  # its int8 CPU graph
+        if variant == "cpu":
+            mc.default_model_filename = CPU_TEXT
+        else:  # a python model's default_model_filename names its .py file
+            mc.parameters["graph"].string_value = CPU_TEXT
     _warmup(
         mc,
         "ids",

@@ -12,6 +12,7 @@ from random_gallery import exact_keys, images, sample
 
 from reir.engine.gallery.database import GalleryError
 from reir.engine.gallery.gallery import Gallery
+from reir.engine.search.index import INDEX_GAIN
 
 DIM = 48
 
@@ -31,7 +32,7 @@ def test_large_gallery_uses_its_index_and_agrees(tmp_path):
     assert info.kind == "projected-pq" and info.agreement["met"], info
     assert info.query_space["dims"] >= 12 and info.query_space["energy"] >= 0.99
     lat = info.latency_at_calibration_ms
-    assert lat["index_p50"] < lat["exact_p50"]  # why the index serves: measured, not assumed
+    assert lat["index_p50"] <= INDEX_GAIN * lat["exact_p50"]  # why the index serves: measured, not assumed
     for q in sample(np.random.default_rng(1), 30, dim=256):  # held out: another draw from the same space
         assert [h.instance_key for h in g.search(q, k=5, per_image=False)[0]] == exact_keys(g, q, 5)
     g.close()
@@ -75,14 +76,14 @@ def test_the_partitioned_design_grows_without_retraining_and_relists_its_rows(tm
 
 
 def test_small_gallery_is_served_by_the_faster_exact_scan(tmp_path):
-    """3,600 rows of 48-d: the scan takes microseconds, the index's fixed cost far more, so the
-    calibration must find the scan faster and the gallery must serve it."""
+    """3,600 rows of 48-d: the scan takes microseconds, the index's fixed cost as much or more,
+    so the calibration must not find the index clearly faster, and the gallery serves the scan."""
     rng = np.random.default_rng(6)
     g = Gallery.create(tmp_path / "g", DIM, queries=sample(rng))
     g.add(images(rng, 300))
     info = _index(g)
     lat = info.latency_at_calibration_ms
-    assert info.agreement["met"] and lat["exact_p50"] < lat["index_p50"], info
+    assert info.agreement["met"] and lat["index_p50"] > INDEX_GAIN * lat["exact_p50"], info
     assert info.kind == "exact scan" and not g.shards[0].index.uses_candidates
     for q in sample(np.random.default_rng(1), 10):
         assert [h.instance_key for h in g.search(q, k=5, per_image=False)[0]] == exact_keys(g, q, 5)

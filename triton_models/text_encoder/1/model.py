@@ -1,7 +1,8 @@
 """Triton python model `text_encoder` (config `pyort`): the ONNX graph in onnxruntime, for
 servers without the onnxruntime backend (e.g. the CPU tritonserver of nvidia-pytriton).
 Production configs use `onnxruntime_onnx` or `tensorrt_plan` on the same model.onnx. The
-config's default_model_filename names the graph (model.cpu.onnx: a bundle's int8 CPU graph)."""
+config's `graph` parameter names another (model.cpu.onnx: a bundle's int8 CPU graph); not
+default_model_filename, which names this file for the python backend."""
 
 import json
 from pathlib import Path
@@ -14,7 +15,8 @@ from reir.engine.runtime.encoders import session
 
 class TritonPythonModel:
     def initialize(self, args):
-        name = json.loads(args["model_config"]).get("default_model_filename") or "model.onnx"
+        params = json.loads(args["model_config"]).get("parameters", {})
+        name = params.get("graph", {}).get("string_value") or "model.onnx"
         self.sess = session(Path(args["model_repository"]) / args["model_version"] / name, "cpu", 1)
 
     def execute(self, requests):
