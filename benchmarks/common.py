@@ -25,6 +25,8 @@ from reir.engine.runtime.detections import Detections
 from reir.engine.runtime.engine import Engine
 from reir.engine.serving.retriever import Retriever
 from reir.evaluation.protocol import encode_gallery
+from reir.evaluation.ranking import Hits
+from reir.evaluation.report import evaluate
 
 
 def machine() -> dict[str, object]:
@@ -202,12 +204,14 @@ def encoded_gallery(
     )
 
 
-def build_gallery(g: EncodedGallery, n_images: int, path: Path, sample: np.ndarray | None, tags: bool = False):
+def build_gallery(
+    g: EncodedGallery, n_images: int, path: Path, sample: np.ndarray | None, tags: bool = False, min_score: float = 0.0
+):
     """A real gallery (SQLite + index) of the first `n_images` encoded images, without running
     the visual encoder again. Its image ids are 1..n in order: image id i is g.image_ids[i - 1]."""
 
     shutil.rmtree(path, ignore_errors=True)
-    gal = Gallery.create(path, g.embeddings.shape[1], "f16", model="benchmark", queries=sample)
+    gal = Gallery.create(path, g.embeddings.shape[1], "f16", model="benchmark", queries=sample, min_score=min_score)
     batch = []
     for j, image_id in enumerate(g.image_ids[:n_images]):
         lo, hi = g.offsets[j], g.offsets[j + 1]
@@ -219,3 +223,26 @@ def build_gallery(g: EncodedGallery, n_images: int, path: Path, sample: np.ndarr
     gal.add(batch, save_index=False)
     gal.save()
     return gal
+
+
+KEYS = ("BR@1(0.5)", "mBR@1(0.5)", "mBR@10(0.5)", "REC@0.5")
+
+
+def gallery_accuracy(g: EncodedGallery, gallery, queries: np.ndarray) -> dict[str, float]:
+    """BR@1, mBR@1/10 through `gallery.search` (a `build_gallery` of all of g's images), and
+    REC: the query's best instance among those its own image has in the gallery."""
+    ds = g.dataset()
+    stored = {int(im.path): im.detections for im in gallery.stored()}  # dataset image id -> what it kept
+    preds, rec = {}, {}
+    for qi, q in enumerate(queries):
+        found = gallery.search(q, k=100, per_image=False)[0]
+        eid = int(g.expr_ids[qi])
+        preds[eid] = Hits(
+            np.array([g.image_ids[h.image_id - 1] for h in found], np.int64),
+            np.array([h.box for h in found]).reshape(-1, 4),
+            np.array([h.score for h in found]),
+        )
+        own = stored[ds.instances[ds.expressions[eid].instance_id].image_id]
+        rec[eid] = own.boxes[int(np.argmax(own.embeddings @ q))]
+    metrics = evaluate(preds, ds, "test", rec_boxes=rec).metrics
+    return {k: round(metrics[k], 2) for k in KEYS}

@@ -40,16 +40,13 @@ from reir.datasets import load_dataset
 from reir.engine.fsutil import write_json_atomic
 from reir.engine.runtime.bundle import Bundle, default_bundle
 from reir.engine.runtime.encoders import TextEncoder
-from reir.evaluation.ranking import Hits
-from reir.evaluation.report import evaluate
 from reir.export.cpu_text import SENSITIVITY_TEXTS, quantize_text
 from reir.export.gates import probe_set
 from reir.export.precision import TEXT_HEAD, from_w16, int8_candidates
 
-from .common import EncodedGallery, build_gallery, encoded_gallery, machine, machine_label
+from .common import KEYS, EncodedGallery, build_gallery, encoded_gallery, gallery_accuracy, machine, machine_label
 
 VARIANTS = ("fp32", "ort-fused", "int8-tensor", "int8-channel", "int8-export", "nbits8-b32")
-KEYS = ("BR@1(0.5)", "mBR@1(0.5)", "mBR@10(0.5)", "REC@0.5")
 
 
 def _fused(fp32: Path, dst: Path) -> dict:
@@ -130,25 +127,6 @@ def _latency(enc: TextEncoder, texts: list[str]) -> dict:
     }
 
 
-def _accuracy(g: EncodedGallery, gallery, queries: np.ndarray) -> dict:
-    """BR/mBR through the gallery's search; REC: the query's best instance in its own image."""
-    ds = g.dataset()
-    preds, rec = {}, {}
-    for qi, q in enumerate(queries):
-        found = gallery.search(q, k=100, per_image=False)[0]
-        eid = int(g.expr_ids[qi])
-        preds[eid] = Hits(
-            np.array([g.image_ids[h.image_id - 1] for h in found], np.int64),
-            np.array([h.box for h in found]).reshape(-1, 4),
-            np.array([h.score for h in found]),
-        )
-        j = int(np.searchsorted(g.image_ids, ds.instances[ds.expressions[eid].instance_id].image_id))
-        lo, hi = g.offsets[j], g.offsets[j + 1]
-        rec[eid] = g.boxes[lo + int(np.argmax(g.embeddings[lo:hi] @ q))]
-    metrics = evaluate(preds, ds, "test", rec_boxes=rec).metrics
-    return {k: round(metrics[k], 2) for k in KEYS}
-
-
 def run(bundle: Bundle, g: EncodedGallery, work: Path, variants: tuple[str, ...] = VARIANTS, n: int = 300) -> dict:
     """One row per variant, measured side by side in this process."""
     # the products are ranked on the export's probe expressions (as `reir export cpu-text`
@@ -166,7 +144,7 @@ def run(bundle: Bundle, g: EncodedGallery, work: Path, variants: tuple[str, ...]
         row = {"variant": v, "what": done, "mb": round(path.stat().st_size / 1e6, 1)}
         row |= _latency(TextEncoder(path, bundle.tokenizer(), threads=1), texts)
         row |= {"cos_mean": round(float(cos.mean()), 5), "cos_min": round(float(cos.min()), 4)}
-        row |= _accuracy(g, gallery, queries)
+        row |= gallery_accuracy(g, gallery, queries)
         rows.append(row)
         print(json.dumps(row), flush=True)
     gallery.close()

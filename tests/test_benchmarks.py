@@ -65,6 +65,21 @@ def test_encoder_variants_are_measured_side_by_side_through_the_gallery(encoded,
     assert "| int8-channel |" in text and "(+0.0)" in text  # fp32's deltas to itself
 
 
+def test_a_score_cut_is_measured_through_galleries_built_with_it(encoded, tmp_path):
+    """benchmarks/instances.py on 60 images: a cut stores fewer rows, and its accuracy comes
+    from a gallery that holds only them."""
+    from reir.benchmarks.instances import markdown, run
+
+    b, g = encoded
+    out = run(b, g, tmp_path, cuts=(0.0, 0.1))
+    full, cut = out["rows"]
+    assert full["instances"] == len(g.embeddings) and full["share"] == 1.0
+    assert len(g.image_ids) <= cut["instances"] < full["instances"]  # each image keeps at least one
+    assert 0 < cut["mBR@10(0.5)"] <= 100 and 0 < full["REC@0.5"] <= 100
+    text = markdown({"machine_label": "test", "command": "c", "date": "d", "instances": out})
+    assert "| 0.1 |" in text and "(+0.0)" in text
+
+
 def test_step_comparison_times_both_configs_on_every_stage(tmp_path):
     pytest.importorskip("torch", reason="torch not installed (training extra)")
     from reir.benchmarks.recipe_steps import compare_steps

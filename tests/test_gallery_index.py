@@ -184,3 +184,37 @@ def test_search_refuses_k_below_one(tmp_path):
     with pytest.raises(GalleryError, match="k must be a positive integer, got 0"):
         g.search(np.zeros(DIM, np.float32), k=0)
     g.close()
+
+
+def test_a_score_cut_stores_only_confident_instances_and_the_gallery_keeps_it(tmp_path):
+    """`min_score`: instances the detector scored lower are not stored, an image whose
+    instances all score lower keeps its best one, and the cut is the gallery's for good."""
+    from reir.engine.gallery.records import NewImage
+    from reir.engine.runtime.detections import Detections
+
+    rng = np.random.default_rng(9)
+
+    def image(i: int, scores: list[float]) -> NewImage:
+        n = len(scores)
+        dets = Detections(
+            rng.random((n, 4)) * 100, np.array(scores, np.float32), rng.standard_normal((n, DIM), np.float32)
+        )
+        return NewImage(f"img{i}.png", f"{i:064x}", 100, 100, 10, dets)
+
+    g = Gallery.create(tmp_path / "g", DIM, min_score=0.3)
+    ids = g.add([image(0, [0.9, 0.5, 0.2, 0.1]), image(1, [0.2, 0.25, 0.05])])
+    stored = {im.path: sorted(round(float(v), 3) for v in im.detections.scores) for im in g.stored()}
+    assert stored == {"img0.png": [0.5, 0.9], "img1.png": [0.25]}
+    assert g.info().instances == 3 and g.info().min_score == 0.3
+    q = rng.standard_normal(DIM).astype(np.float32)
+    hits = g.search(q, k=10, per_image=False)[0]
+    assert {h.image_id for h in hits} == set(ids) and len(hits) == 3
+    assert [h.instance_key for h in hits] == exact_keys(g, q, 3)
+    g.close()
+    g = Gallery.open(tmp_path / "g", writable=True)  # the cut is stored with the gallery
+    g.add([image(2, [0.31, 0.29])])
+    assert g.info().instances == 4 and g.info().min_score == 0.3
+    g.close()
+    with pytest.raises(GalleryError, match="min_score must be a detection score"):
+        Gallery.create(tmp_path / "h", DIM, min_score=1.5)
+    assert not (tmp_path / "h").exists()

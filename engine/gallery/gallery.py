@@ -149,14 +149,19 @@ class Gallery:
         queries: np.ndarray | None = None,
         shards: int = 1,
         candidates: str = DEFAULT,
+        min_score: float = 0.0,
     ) -> Gallery:
         """A new, empty gallery. `model` names the embedding space (the bundle's model id):
         vectors from another model would be silently meaningless, so it is checked on use.
         `queries`: a sample of query vectors the search index is fitted to (the bundle's;
         without one every search scans all vectors, exact but slow on large galleries).
         Several shards are built under a temporary name and renamed into place, so a kill
-        during creation leaves nothing that looks like a gallery."""
+        during creation leaves nothing that looks like a gallery. `min_score`: instances the
+        detector scored lower are not stored (each image keeps its best one); on the shipped
+        model 0.1 keeps a third of them at the same retrieval accuracy (docs/search.md)."""
         path = Path(path)
+        if not (isinstance(min_score, int | float) and 0.0 <= min_score < 1.0):
+            raise GalleryError(f"min_score must be a detection score in [0, 1), got {min_score!r}")
         if not isinstance(shards, int) or shards < 1:
             raise GalleryError(f"shards must be a positive integer, got {shards!r}")
         if candidates not in DESIGNS:  # before anything is written
@@ -164,13 +169,14 @@ class Gallery:
         if exists(path):
             raise GalleryError(f"{path}: a gallery already exists here (open it instead)")
         if shards == 1:
-            shard = Shard.create(path, dim, dtype, model, bundle, queries, candidates)
+            shard = Shard.create(path, dim, dtype, model, bundle, queries, candidates, min_score=min_score)
             return cls(GalleryMeta(path, 1, dim, dtype, model, bundle), [shard], True)
         manifest = {"format": FORMAT, "version": 1, "shards": shards, "assign": ASSIGN}
         manifest |= {"dim": dim, "dtype": dtype, "model": model, "bundle": bundle}
         with atomic_directory(path) as tmp:
             for s in range(shards):
-                Shard.create(shard_dir(tmp, s, shards), dim, dtype, model, bundle, queries, candidates).close()
+                where = shard_dir(tmp, s, shards)
+                Shard.create(where, dim, dtype, model, bundle, queries, candidates, min_score=min_score).close()
             write_json_atomic(tmp / MANIFEST, manifest)
         return cls.open(path, writable=True, progress=False)
 
@@ -209,16 +215,23 @@ class Gallery:
         dtype: str = "f16",
         progress: bool = True,
         candidates: str | None = None,
+        min_score: float | None = None,
     ) -> Gallery:
         """The gallery at `path` opened for writing with `bundle`'s model, or a new one made
         for it (`shards` shards, default 1; `candidates`: the index design, default the
-        default's): what `reir index` and `reir cluster index` write to."""
+        default's; `min_score`: see `create`, default 0): what `reir index` and `reir
+        cluster index` write to."""
         if exists(path):
             g = cls.open(path, writable=True, progress=progress)
             try:
                 if shards is not None and g.shard_count != shards:
                     raise GalleryError(f"{path}: has {g.shard_count} shard(s), not {shards}")
                 g.require_model(bundle.model_id, bundle.dim)
+                if min_score is not None and g.shards[0].min_score != min_score:
+                    raise GalleryError(
+                        f"{path}: stores instances scoring {g.shards[0].min_score} or more, not {min_score} "
+                        "(a gallery keeps the cut it was created with)"
+                    )
             except BaseException:
                 g.close()
                 raise
@@ -232,6 +245,7 @@ class Gallery:
             queries=bundle.query_sample(),
             shards=shards or 1,
             **({"candidates": candidates} if candidates else {}),
+            min_score=min_score or 0.0,
         )
 
     def close(self) -> None:
@@ -408,6 +422,7 @@ class Gallery:
             model=self.model,
             bundle=self.bundle,
             bytes_on_disk=sum(p.bytes_on_disk for p in parts) + _manifest_bytes(self.path),
+            min_score=self.shards[0].min_score,
             per_shard=parts,
         )
 

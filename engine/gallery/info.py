@@ -44,6 +44,7 @@ class GalleryInfo:
     model: str
     bundle: str
     bytes_on_disk: int
+    min_score: float  # instances scored lower are not stored (Gallery.create)
     per_shard: tuple[ShardInfo, ...]
 
     def to_json(self) -> dict[str, Any]:

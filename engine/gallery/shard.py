@@ -21,6 +21,7 @@ Users open a `Gallery` (engine/gallery/gallery.py), which is one or more of thes
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -72,6 +73,8 @@ class Shard:
         self.model = meta.get("model", "")
         self.bundle = meta.get("bundle", "")  # the bundle that indexed it: the default for searching
         self.kind = meta.get("candidates", DEFAULT)  # the candidate index design
+        # instances below this detection score are not stored (an image keeps its best one)
+        self.min_score = float(meta.get("min_score", 0.0))
         self._lock = threading.RLock()  # writers against readers within the process
         self._lock_fd: int | None = None
         self.index: SearchIndex | None = None
@@ -89,6 +92,7 @@ class Shard:
         queries: np.ndarray | None = None,
         candidates: str = DEFAULT,
         number: int = 0,
+        min_score: float = 0.0,
     ) -> Shard:
         path = Path(path)
         if dtype not in DTYPES:
@@ -108,6 +112,7 @@ class Shard:
                     ("model", model),
                     ("bundle", bundle),
                     ("candidates", candidates),
+                    ("min_score", repr(float(min_score))),
                     ("generation", "0"),
                     ("next_image", "1"),
                     ("next_key", "1"),
@@ -175,6 +180,7 @@ class Shard:
         with self._lock:
             with self.db:
                 next_image, next_key = self._meta_int("next_image"), self._meta_int("next_key")
+                images = [kept(im, self.min_score) for im in images]
                 for im in images:
                     new = self._insert(im, next_image, next_key, time.time())
                     ids.append(next_image)
@@ -425,6 +431,17 @@ class Shard:
     def _require_writer(self) -> None:
         if not self.writable:
             raise GalleryError(f"{self.path}: opened read-only; open with writable=True to change it")
+
+
+def kept(im: NewImage, min_score: float) -> NewImage:
+    """The image with only its instances scoring `min_score` or more, and at least its best
+    one: an image whose objects are all faint is still found by the one it has."""
+    d = im.detections
+    if min_score <= 0 or len(d.scores) == 0 or (d.scores >= min_score).all():
+        return im
+    keep = np.flatnonzero(d.scores >= min_score)
+    keep = keep if len(keep) else np.array([int(np.argmax(d.scores))])
+    return dataclasses.replace(im, detections=Detections(d.boxes[keep], d.scores[keep], d.embeddings[keep]))
 
 
 def _generation(db: sqlite3.Connection) -> int:

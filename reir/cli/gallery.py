@@ -26,6 +26,12 @@ def register(sub) -> None:
     p.add_argument(
         "--design", help="new gallery: its candidate index, projected-pq (default) or ivf-pq (docs/search.md)"
     )
+    p.add_argument(
+        "--min-score",
+        type=float,
+        help="new gallery: store only instances the detector scored this or more (each image keeps its best); "
+        "0.1 keeps a third of the shipped model's at the same accuracy (docs/search.md)",
+    )
     p.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (0: its default)")
     p.add_argument("--device", choices=["cpu", "cuda", "tensorrt"], default="cpu")
     p.add_argument("--quiet", action="store_true")
@@ -84,7 +90,13 @@ def _index(args: argparse.Namespace) -> int:
         bundle = args.bundle or default_bundle()
     engine = Engine.open(bundle, args.device, args.threads, args.batch)
     with Gallery.for_bundle(
-        args.gallery, engine.bundle, args.shards, args.dtype, progress=not args.quiet, candidates=args.design
+        args.gallery,
+        engine.bundle,
+        args.shards,
+        args.dtype,
+        progress=not args.quiet,
+        candidates=args.design,
+        min_score=args.min_score,
     ) as g:
         report = g.add_images(paths, engine, parse_tags(args.tags), args.batch, progress=not args.quiet)
         info = g.info()
