@@ -7,11 +7,14 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
+import re
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -19,6 +22,7 @@ import numpy as np
 
 from reir.datasets import load_dataset
 from reir.datasets.synth import SynthConfig, generate
+from reir.engine.fsutil import write_json_atomic
 from reir.engine.gallery.gallery import Gallery
 from reir.engine.gallery.records import NewImage
 from reir.engine.runtime.detections import Detections
@@ -246,3 +250,27 @@ def gallery_accuracy(g: EncodedGallery, gallery, queries: np.ndarray) -> dict[st
         rec[eid] = own.boxes[int(np.argmax(own.embeddings @ q))]
     metrics = evaluate(preds, ds, "test", rec_boxes=rec).metrics
     return {k: round(metrics[k], 2) for k in KEYS}
+
+
+def publish(section: str, result: dict, render: Callable[[dict], str], out: Path, argv: list[str] | None) -> Path:
+    """A one-section report of `python -m reir.benchmarks.SECTION`: JSON and markdown named
+    by machine and date, written beside the others in `out`; the markdown's path."""
+    m = machine()
+    report = {
+        "machine": m,
+        "machine_label": machine_label(m),
+        "date": datetime.now(UTC).date().isoformat(),
+        "command": " ".join([f"python -m reir.benchmarks.{section}", *(sys.argv[1:] if argv is None else argv)]),
+        section: result,
+    }
+    name = f"{slug(m)}-{report['date']}-{section}"
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / f"{name}.json", report)
+    (out / f"{name}.md").write_text(render(report), encoding="utf-8")
+    print(f"report: {out / name}.md")
+    return out / f"{name}.md"
+
+
+def slug(m: dict) -> str:
+    gpu = re.sub(r"[^a-z0-9]+", "-", m["gpu"].split(",")[0].lower()).strip("-") if m.get("gpu") else "cpu"
+    return f"{m['cores']}core-{gpu}"

@@ -26,10 +26,8 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -37,14 +35,13 @@ import onnx
 from tqdm import tqdm
 
 from reir.datasets import load_dataset
-from reir.engine.fsutil import write_json_atomic
 from reir.engine.runtime.bundle import Bundle, default_bundle
 from reir.engine.runtime.encoders import TextEncoder
 from reir.export.cpu_text import SENSITIVITY_TEXTS, quantize_text
 from reir.export.gates import probe_set
 from reir.export.precision import TEXT_HEAD, from_w16, int8_candidates
 
-from .common import KEYS, EncodedGallery, build_gallery, encoded_gallery, gallery_accuracy, machine, machine_label
+from .common import KEYS, EncodedGallery, build_gallery, encoded_gallery, gallery_accuracy, publish
 
 VARIANTS = ("fp32", "ort-fused", "int8-tensor", "int8-channel", "int8-export", "nbits8-b32")
 
@@ -192,22 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--variants: fp32 first, then any of {VARIANTS} (got {a.variants!r})")
     b = Bundle.open(a.bundle or default_bundle())
     g = encoded_gallery(b, a.images, a.work)
-    m = machine()
-    report = {
-        "machine": m,
-        "machine_label": machine_label(m),
-        "date": datetime.now(UTC).date().isoformat(),
-        "command": " ".join(["python -m reir.benchmarks.encoders", *(sys.argv[1:] if argv is None else argv)]),
-        "bundle": str(a.bundle or "models/synth"),
-        "encoders": run(b, g, a.work / "encoders", variants),
-    }
-    from .run import slug
-
-    name = f"{slug(m)}-{report['date']}-encoders"
-    a.out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(a.out / f"{name}.json", report)
-    (a.out / f"{name}.md").write_text(markdown(report), encoding="utf-8")
-    print(f"report: {a.out / name}.md")
+    publish("encoders", run(b, g, a.work / "encoders", variants), markdown, a.out, argv)
     return 0
 
 

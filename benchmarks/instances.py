@@ -14,16 +14,13 @@ with that cut (REC: the query's best instance among those its image kept).
 from __future__ import annotations
 
 import argparse
-import sys
-from datetime import UTC, datetime
 from pathlib import Path
 
 from tqdm import tqdm
 
-from reir.engine.fsutil import write_json_atomic
 from reir.engine.runtime.bundle import Bundle, default_bundle
 
-from .common import KEYS, EncodedGallery, build_gallery, encoded_gallery, gallery_accuracy, machine, machine_label
+from .common import KEYS, EncodedGallery, build_gallery, encoded_gallery, gallery_accuracy, publish
 
 CUTS = (0.0, 0.02, 0.05, 0.1, 0.2, 0.3)
 
@@ -68,21 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     b = Bundle.open(a.bundle or default_bundle())
     g = encoded_gallery(b, a.images, a.work)
-    m = machine()
-    report = {
-        "machine": m,
-        "machine_label": machine_label(m),
-        "date": datetime.now(UTC).date().isoformat(),
-        "command": " ".join(["python -m reir.benchmarks.instances", *(sys.argv[1:] if argv is None else argv)]),
-        "instances": run(b, g, a.work / "instances"),
-    }
-    from .run import slug
-
-    name = f"{slug(m)}-{report['date']}-instances"
-    a.out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(a.out / f"{name}.json", report)
-    (a.out / f"{name}.md").write_text(markdown(report), encoding="utf-8")
-    print(f"report: {a.out / name}.md")
+    publish("instances", run(b, g, a.work / "instances"), markdown, a.out, argv)
     return 0
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import tempfile
 import time
@@ -26,16 +25,11 @@ from reir.engine.fsutil import write_json_atomic
 from reir.engine.runtime.bundle import Bundle, default_bundle
 
 from . import cluster, end_to_end, indexes, serving, stages, two_stage
-from .common import encoded_gallery, machine, machine_label
+from .common import encoded_gallery, machine, machine_label, slug
 from .figures import figures
 from .markdown import render
 
 SECTIONS = ("stages", "indexes", "two_stage", "end_to_end", "cluster", "serving")
-
-
-def slug(m: dict) -> str:
-    gpu = re.sub(r"[^a-z0-9]+", "-", m["gpu"].split(",")[0].lower()).strip("-") if m.get("gpu") else "cpu"
-    return f"{m['cores']}core-{gpu}"
 
 
 @dataclass

@@ -87,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
             return 2
         run_report(args.out, args.bundle, args.work, args.full, sections, index_sizes=sizes, suffix=args.name)
         return 0
-    from reir.benchmarks.run import slug  # faiss, usearch, matplotlib: the bench extra
+    from reir.benchmarks.common import slug  # faiss, usearch, matplotlib: the bench extra
 
     args.out.mkdir(parents=True, exist_ok=True)
     from reir.benchmarks.common import machine
