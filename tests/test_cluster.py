@@ -6,6 +6,7 @@ cluster. Traffic goes to loopback only, is bounded in count and time, and stops 
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import shutil
@@ -285,9 +286,25 @@ def test_losing_every_replica_of_a_shard_gives_flagged_partial_answers_then_full
     ref = _expected(single, engine, texts[:1])[0]
     with Gallery.open(root / "main", shard=0, progress=False) as g:  # what shard 0 alone holds
         only0 = g.search(engine.encode_text(texts[:1]), 10)[0]
-    for victim in _replicas("main-shard-1"):
-        ray.kill(victim, no_restart=True)
-    results = _load(url, texts[:1], 8, workers=2)
+    # Serve starts replacements at once, in about the deadline's time (5.8 s measured), so
+    # whether the first answers were partial was a race: keep shard 1 down while they run
+    down = threading.Event()
+
+    def keep_down():
+        while not down.is_set():
+            with contextlib.suppress(Exception):  # a replica gone between listing and killing
+                for victim in _replicas("main-shard-1"):
+                    ray.kill(victim, no_restart=True)
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=keep_down)
+    killer.start()
+    try:
+        time.sleep(0.5)
+        results = _load(url, texts[:1], 8, workers=2)
+    finally:
+        down.set()
+        killer.join()
     partial = [r for r in results if r[1]]
     assert partial, "no answer was flagged partial while shard 1 had no replica"
     for hits, _, missing, seconds in partial:
