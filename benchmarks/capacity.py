@@ -1,11 +1,15 @@
 """A capacity plan for sharded serving, computed from measured figures (not guessed):
 
     python -m reir.benchmarks.capacity REPORT.json CLUSTER_REPORT.json [GPU_MICRO.json]
+        [--instances INSTANCES_REPORT.json --min-score 0.1]
 
 REPORT: a `reir bench report --full` (search at scale: the gallery's latency and bytes per
 instance at its largest tier, instances per image, per-image decode cost). CLUSTER_REPORT:
 its "cluster" section (what Ray Serve adds to a query). GPU_MICRO: `reir bench micro
---device cuda` on a GPU host (visual encoder images/s). Prints a markdown table.
+--device cuda` on a GPU host (visual encoder images/s). INSTANCES_REPORT: `python -m
+reir.benchmarks.instances`; with `--min-score` the plan is for galleries created with that
+score cut, at the instances per image it measured (the search figures are per instance,
+so they carry over). Prints a markdown table.
 
 Model, stated so it can be argued with: a shard holds the largest measured tier; a shard
 replica uses one core and answers 1000 / p50 queries/s; every query visits every shard, so
@@ -111,9 +115,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--node-cores", type=int, default=32)
     ap.add_argument("--node-gib", type=float, default=256.0)
     ap.add_argument("--gpus", default="8,64", help="GPU counts for the indexing-time columns")
+    ap.add_argument("--instances", type=Path, help="an instances report (benchmarks/instances.py)")
+    ap.add_argument("--min-score", type=float, help="with --instances: plan for galleries with this score cut")
     args = ap.parse_args(argv)
     load = lambda p: json.loads(p.read_text(encoding="utf-8"))  # noqa: E731
     m = measured(load(args.report), load(args.cluster_report), load(args.gpu_micro) if args.gpu_micro else None)
+    if (args.instances is None) != (args.min_score is None):
+        ap.error("--instances and --min-score go together")
+    if args.instances is not None:
+        rows = {r["min_score"]: r for r in load(args.instances)["instances"]["rows"]}
+        if args.min_score not in rows:
+            ap.error(f"{args.instances}: no cut {args.min_score} measured (it has {sorted(rows)})")
+        m["instances_per_image"] = rows[args.min_score]["per_image"]
     gpus = tuple(int(x) for x in args.gpus.split(","))
     print(
         markdown(m, plan(m, args.qps, args.node_cores, args.node_gib, gpus), args.qps, args.node_cores, args.node_gib)
