@@ -56,6 +56,15 @@ def measured(report: dict, cluster: dict, micro: dict | None) -> dict:
     return out
 
 
+def with_cut(m: dict, instances: dict, min_score: float) -> dict:
+    """`m` for galleries created with the score cut `min_score`: the instances per image that
+    an instances report measured at that cut (KeyError: it measured no such cut)."""
+    rows = {r["min_score"]: r for r in instances["instances"]["rows"]}
+    if min_score not in rows:
+        raise KeyError(f"no cut {min_score} measured (it has {sorted(rows)})")
+    return m | {"instances_per_image": rows[min_score]["per_image"]}
+
+
 def plan(m: dict, qps: float, node_cores: int, node_gib: float, gpus: tuple[int, ...]) -> list[dict]:
     rows = []
     per_replica_qps = 1000.0 / m["shard_p50_ms"]
@@ -123,10 +132,10 @@ def main(argv: list[str] | None = None) -> int:
     if (args.instances is None) != (args.min_score is None):
         ap.error("--instances and --min-score go together")
     if args.instances is not None:
-        rows = {r["min_score"]: r for r in load(args.instances)["instances"]["rows"]}
-        if args.min_score not in rows:
-            ap.error(f"{args.instances}: no cut {args.min_score} measured (it has {sorted(rows)})")
-        m["instances_per_image"] = rows[args.min_score]["per_image"]
+        try:
+            m = with_cut(m, load(args.instances), args.min_score)
+        except KeyError as e:
+            ap.error(f"{args.instances}: {e.args[0]}")
     gpus = tuple(int(x) for x in args.gpus.split(","))
     print(
         markdown(m, plan(m, args.qps, args.node_cores, args.node_gib, gpus), args.qps, args.node_cores, args.node_gib)

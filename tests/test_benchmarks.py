@@ -158,3 +158,8 @@ def test_every_report_section_runs_and_writes_json_markdown_and_figures(tmp_path
     plan = capacity.plan(m, qps=100, node_cores=32, node_gib=256, gpus=(8,))
     assert [r["shards"] for r in plan] == sorted(r["shards"] for r in plan) and plan[-1]["shards"] > plan[0]["shards"]
     assert capacity.main([str(path), str(path)]) == 0
+    cut = capacity.with_cut(m, {"instances": {"rows": [{"min_score": 0.1, "per_image": 2.0}]}}, 0.1)
+    with_cut = capacity.plan(cut, qps=100, node_cores=32, node_gib=256, gpus=(8,))
+    assert with_cut[-1]["shards"] < plan[-1]["shards"]  # fewer rows per image, fewer shards
+    with pytest.raises(KeyError, match=r"no cut 0\.2 measured"):
+        capacity.with_cut(m, {"instances": {"rows": [{"min_score": 0.1, "per_image": 2.0}]}}, 0.2)
