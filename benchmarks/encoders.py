@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -37,9 +36,9 @@ from tqdm import tqdm
 from reir.datasets import load_dataset
 from reir.engine.runtime.bundle import Bundle, default_bundle
 from reir.engine.runtime.encoders import TextEncoder
-from reir.export.cpu_text import SENSITIVITY_TEXTS, quantize_text
+from reir.export.cpu_text import fp32_text_graph, quantize_text, sensitivity_texts
 from reir.export.gates import probe_set
-from reir.export.precision import TEXT_HEAD, from_w16, int8_candidates
+from reir.export.precision import TEXT_HEAD, int8_candidates
 
 from .common import KEYS, EncodedGallery, build_gallery, encoded_gallery, gallery_accuracy, publish
 
@@ -84,10 +83,7 @@ def build(bundle: Bundle, variants: tuple[str, ...], texts: list[str], work: Pat
     """{variant: (graph, what was done)}; `texts` rank the products for `int8-export`."""
     work.mkdir(parents=True, exist_ok=True)
     fp32 = work / "fp32.onnx"
-    if bundle.manifest["graph_precision"]["text_encoder"] == "w16":
-        from_w16(bundle.graph("text_encoder"), fp32)
-    else:
-        shutil.copyfile(bundle.graph("text_encoder"), fp32)
+    fp32_text_graph(bundle, fp32)
     tower = int8_candidates(onnx.load(str(fp32)))
     make: dict[str, Callable[[Path], dict]] = {
         "fp32": lambda dst: {},
@@ -129,8 +125,7 @@ def run(bundle: Bundle, g: EncodedGallery, work: Path, variants: tuple[str, ...]
     # the products are ranked on the export's probe expressions (as `reir export cpu-text`
     # does), never on the texts they are scored on here
     probe = probe_set(work, 300) if not (work / "probe").exists() else load_dataset(work / "probe")
-    ranked_on = [e.text for e in sorted(probe.split_expressions("test"), key=lambda e: e.id)][-SENSITIVITY_TEXTS:]
-    graphs = build(bundle, variants, ranked_on, work / "graphs")
+    graphs = build(bundle, variants, sensitivity_texts(probe), work / "graphs")
     gallery = build_gallery(g, len(g.image_ids), work / "gallery", bundle.query_sample())
     texts = g.texts[:n]
     rows, ref = [], None

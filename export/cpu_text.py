@@ -2,10 +2,12 @@
 
 Why: on a CPU server the text encoder is most of a query's cost (about 5 ms of fp32 on one
 thread for the synth model's MiniLM tower, against 1-2 ms of search below a million
-instances). Its int8 form (export/precision.py `to_int8`) runs in half the time. It is a
-CPU format only: GPUs and Jetson keep the bundle's portable graph (fp16, TensorRT), so the
-bundle carries both and `Bundle.text_encoder()` takes the int8 one on CPU
-(`graphs.text_encoder.optimized`; `optimized=False` asks for the portable one).
+instances). Its int8 form (export/precision.py `to_int8`) costs less: 0.76x the fp32 time
+with the export's recipe on the synth model, 0.52x with every product int8, which fails
+the gate there (benchmarks/encoders.py). It is a CPU format only: GPUs and Jetson keep
+the bundle's portable graph (fp16, TensorRT), so the bundle carries both and
+`Bundle.text_encoder()` takes the int8 one on CPU (`graphs.text_encoder.optimized`;
+`optimized=False` asks for the portable one).
 
 It is derived from the bundle's own text graph, not from a checkpoint, so it also applies
 to a shipped bundle; its gates compare it with that graph in ONNX Runtime, on the export's
@@ -34,6 +36,21 @@ FILE = "text_encoder.cpu.onnx"
 SENSITIVITY_TEXTS = 128  # the probe set's last test expressions (the parity gate uses its first)
 
 
+def sensitivity_texts(probe) -> list[str]:
+    """The probe set's expressions the products are ranked on (never the parity gate's)."""
+    return [e.text for e in sorted(probe.split_expressions("test"), key=lambda e: e.id)][-SENSITIVITY_TEXTS:]
+
+
+def fp32_text_graph(bundle: Bundle, dst: Path) -> str:
+    """Write the fp32 graph the bundle's text encoder computes (w16 weights folded back, or
+    the fp32 graph itself) to `dst`; the portable graph's precision."""
+    portable = bundle.manifest["graph_precision"]["text_encoder"]
+    if portable not in ("fp32", "w16"):
+        raise ValueError(f"{bundle.path}: its text encoder is {portable}; the fp32 graph is derived from fp32 or w16")
+    (from_w16 if portable == "w16" else shutil.copyfile)(bundle.graph("text_encoder"), dst)
+    return portable
+
+
 def quantize_text(
     fp32: Path, dst: Path, texts: list[str], tokenizer, work: Path, keep: int | None = None
 ) -> dict[str, Any]:
@@ -54,16 +71,13 @@ def add_cpu_text(path: Path, probe_images: int = 300, keep: int | None = None, l
     """Gate and add the int8 CPU text graph to the bundle at `path`; its manifest entry."""
     bundle = Bundle.open(path)
     m = bundle.manifest
-    portable = m["graph_precision"]["text_encoder"]
-    if portable not in ("fp32", "w16"):
-        raise ValueError(f"{path}: its text encoder is {portable}; a CPU int8 graph is derived from fp32 or w16")
     with tempfile.TemporaryDirectory(dir=Path(path).parent, prefix=".cpu-text-") as tmp:
         work = Path(tmp)
         fp32 = work / "text_fp32.onnx"
-        (from_w16 if portable == "w16" else shutil.copyfile)(bundle.graph("text_encoder"), fp32)
+        portable = fp32_text_graph(bundle, fp32)
         log(f"probe set: {probe_images} synthetic gallery images (seed {G.PROBE_SEED})")
         ds = G.probe_set(work, probe_images)
-        texts = [e.text for e in sorted(ds.split_expressions("test"), key=lambda e: e.id)][-SENSITIVITY_TEXTS:]
+        texts = sensitivity_texts(ds)
         log(f"int8 sensitivity of each tower product on {len(texts)} probe expressions")
         done = quantize_text(fp32, work / FILE, texts, bundle.tokenizer(), work, keep)
         visual = bundle.visual_encoder(optimized=False)

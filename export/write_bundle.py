@@ -33,7 +33,7 @@ from reir.training.evaluate import torch_detector, torch_text_encoder
 from reir.training.text_branch import load_tokenizer
 
 from . import gates as G
-from .cpu_text import SENSITIVITY_TEXTS, quantize_text
+from .cpu_text import quantize_text, sensitivity_texts
 from .graphs import OPSET, export_text, export_visual, optimize
 from .precision import to_fp16, to_w16
 from .query_sample import expressions, write_query_sample
@@ -265,9 +265,8 @@ def _convert(precision: str, work: Path, probe: _Probe, tmp: Path) -> tuple[Path
     if precision == "fp32":
         return text_in, visual_in
     if precision == "int8":  # quantised convolutions have no ORT CPU kernel: only the text graph
-        texts = [e.text for e in sorted(probe.ds.split_expressions("test"), key=lambda e: e.id)]
         tokenizer = Bundle(tmp, {"text": probe.text}).tokenizer()  # the trimmed one, if trimmed
-        probe.int8 = quantize_text(text_in, work / "text_int8.onnx", texts[-SENSITIVITY_TEXTS:], tokenizer, work)
+        probe.int8 = quantize_text(text_in, work / "text_int8.onnx", sensitivity_texts(probe.ds), tokenizer, work)
         return work / "text_int8.onnx", visual_in
     convert = {"fp16": to_fp16, "w16": to_w16}[precision]
     convert(text_in, work / f"text_{precision}.onnx")
