@@ -154,9 +154,9 @@ def test_stopping_reir_triton_serve_leaves_no_process_behind(repo, sig):
     import signal
     import socket
 
-    from reir.engine.serving.triton_server import free_port
+    from reir.engine.serving.triton_server import free_ports
 
-    ports = [free_port() for _ in range(3)]
+    ports = free_ports(3)
     cmd = [sys.executable, "-m", "reir.cli", "triton", "serve", "--repository", str(repo), "--python"]
     cmd += [str(SERVER_PYTHON), "--http-port", str(ports[0]), "--grpc-port", str(ports[1])]
     cmd += ["--metrics-port", str(ports[2])]

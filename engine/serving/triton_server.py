@@ -37,10 +37,18 @@ class ServerError(ReirError):
     pass
 
 
+def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    """`n` distinct free ports: every socket stays bound until all are, since a port just
+    released can be handed out again (two of a server's three ports once came out equal)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in socks:
+            s.bind((host, 0))
+        return [s.getsockname()[1] for s in socks]
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    return free_ports(1, host)[0]
 
 
 def _env_info(python: Path) -> tuple[Path, str, str]:
@@ -74,9 +82,10 @@ class TritonServer:
         self.python = Path(python) if python else Path(sysconfig.get_path("scripts")) / "python"
         self.model_config_name = model_config_name
         self.address = address
-        self.http_port = http_port or free_port()
-        self.grpc_port = grpc_port or free_port()
-        self.metrics_port = metrics_port or free_port()
+        spare = iter(free_ports(3, address))
+        self.http_port = http_port or next(spare)
+        self.grpc_port = grpc_port or next(spare)
+        self.metrics_port = metrics_port or next(spare)
         self.log_path = log_path
         self.proc: subprocess.Popen | None = None
         self._scratch: Path | None = None
