@@ -1,9 +1,12 @@
 """The query encoder: what each form of the bundle's text graph costs on one thread, and what
 it does to retrieval through the gallery's real search.
 
-    python -m reir.benchmarks.encoders [--bundle B] [--images 1000] [--out benchmarks/results]
+    python -m reir.benchmarks.encoders [--bundle B] [--teacher T] [--images 1000] [--out benchmarks/results]
 
-Every variant is derived from the bundle's own text graph (no checkpoint needed):
+`--teacher T` puts a bundle's fp32 text graph first, as the row every other is compared with:
+the shipped bundle's distilled tower against the tower it was taught by
+(`--teacher models/synth-teacher`, export/distill_text.py). The other variants are derived
+from the bundle's own text graph (no checkpoint needed):
 
 | variant | what |
 |---|---|
@@ -120,12 +123,26 @@ def _latency(enc: TextEncoder, texts: list[str]) -> dict:
     }
 
 
-def run(bundle: Bundle, g: EncodedGallery, work: Path, variants: tuple[str, ...] = VARIANTS, n: int = 300) -> dict:
-    """One row per variant, measured side by side in this process."""
+def run(
+    bundle: Bundle,
+    g: EncodedGallery,
+    work: Path,
+    variants: tuple[str, ...] = VARIANTS,
+    n: int = 300,
+    teacher: Bundle | None = None,
+) -> dict:
+    """One row per variant, measured side by side in this process; the teacher's first."""
     # the products are ranked on the export's probe expressions (as `reir export cpu-text`
     # does), never on the texts they are scored on here
     probe = probe_set(work, 300) if not (work / "probe").exists() else load_dataset(work / "probe")
     graphs = build(bundle, variants, sensitivity_texts(probe), work / "graphs")
+    if teacher is not None:
+        fp32 = work / "graphs" / "teacher-fp32.onnx"
+        fp32_text_graph(teacher, fp32)
+        layers = _layers(teacher)
+        graphs = {f"teacher fp32 ({layers} layers)": (fp32, {"bundle": str(teacher.path)})} | {
+            (f"fp32 ({_layers(bundle)} layers)" if v == "fp32" else v): row for v, row in graphs.items()
+        }
     gallery = build_gallery(g, len(g.image_ids), work / "gallery", bundle.query_sample())
     texts = g.texts[:n]
     rows, ref = [], None
@@ -143,6 +160,11 @@ def run(bundle: Bundle, g: EncodedGallery, work: Path, variants: tuple[str, ...]
     return {"images": len(g.image_ids), "queries": len(g.texts), "latency_texts": len(texts), "rows": rows}
 
 
+def _layers(bundle: Bundle) -> int:
+    names = {i.name for i in onnx.load(str(bundle.graph("text_encoder"))).graph.initializer}
+    return len({n.split(".")[5] for n in names if n.startswith("model.text.model.encoder.layer.")})
+
+
 def markdown(report: dict) -> str:
     rows = report["encoders"]["rows"]
     base = rows[0]
@@ -153,7 +175,7 @@ def markdown(report: dict) -> str:
         f"retrieval on the {report['encoders']['images']:,}-image test gallery, "
         f"{report['encoders']['queries']:,} expressions, through `Gallery.search`.",
         "",
-        "| variant | MB | p50 ms | p99 ms | x fp32 | batch-16 ms/text | cos mean | cos min "
+        "| variant | MB | p50 ms | p99 ms | x row 1 | batch-16 ms/text | cos mean | cos min "
         "| BR@1 | mBR@1 | mBR@10 | REC |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -173,6 +195,7 @@ def markdown(report: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m reir.benchmarks.encoders", description=__doc__.split("\n")[0])
     p.add_argument("--bundle", type=Path, default=None)
+    p.add_argument("--teacher", type=Path, default=None, help="a bundle whose fp32 text graph is the first row")
     p.add_argument("--images", type=int, default=1000)
     p.add_argument("--work", type=Path, default=Path("/tmp/reir-bench-encoders"))
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
@@ -184,7 +207,10 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--variants: fp32 first, then any of {VARIANTS} (got {a.variants!r})")
     b = Bundle.open(a.bundle or default_bundle())
     g = encoded_gallery(b, a.images, a.work)
-    publish("encoders", run(b, g, a.work / "encoders", variants), markdown, a.out, argv)
+    teacher = Bundle.open(a.teacher) if a.teacher else None
+    if teacher is not None and teacher.model_id != b.model_id:
+        raise SystemExit(f"--teacher {a.teacher}: another embedding space than {b.path} (model_id differs)")
+    publish("encoders", run(b, g, a.work / "encoders", variants, teacher=teacher), markdown, a.out, argv)
     return 0
 
 

@@ -3,6 +3,7 @@
 reir export bundle CHECKPOINT --out BUNDLE [...]    a gated ONNX bundle (torch, onnx)
 reir export trt BUNDLE [...]                       TensorRT engines, on the GPU host
 reir export cpu-text BUNDLE                        an int8 text encoder for CPU hosts (gated)
+reir export distill-text BUNDLE --out NEW          a bundle with a shallower text tower, taught by its own (gated)
 reir export queries BUNDLE (--data D | --texts F)  the query sample a gallery fits its index to
 """
 
@@ -59,6 +60,21 @@ def register(sub) -> None:
     p.add_argument("--probe-images", type=int, default=300, help="synthetic gallery size for the accuracy gates")
     p.set_defaults(handler=_cpu_text)
 
+    p = x.add_parser("distill-text", help="write a bundle whose text tower is a shallower student of this one's")
+    p.add_argument("bundle", type=Path)
+    p.add_argument("--out", type=Path, required=True, help="the new bundle (must not exist)")
+    p.add_argument("--layers", default="0,5", help="the teacher's text layers the student keeps (default: 0,5)")
+    p.add_argument("--steps", type=int, default=2500, help="training steps of 128 texts (default: 2500)")
+    p.add_argument("--texts", type=int, default=40_000, help="distinct train expressions to learn from")
+    p.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="a dataset whose train split gives them (default: the synthetic grammar)",
+    )
+    p.add_argument("--probe-images", type=int, default=1000, help="synthetic gallery size for the accuracy gates")
+    p.set_defaults(handler=_distill_text)
+
     p = x.add_parser("queries", help="write a bundle's query sample from a dataset split or a query log")
     p.add_argument("bundle", type=Path)
     src = p.add_mutually_exclusive_group(required=True)
@@ -114,6 +130,18 @@ def _cpu_text(args: argparse.Namespace) -> int:
     if args.keep is not None and args.keep < 0:
         raise ValueError(f"--keep must be 0 or more, got {args.keep}")
     add_cpu_text(args.bundle, args.probe_images, args.keep)
+    return 0
+
+
+def _distill_text(args: argparse.Namespace) -> int:
+    from reir.export.distill_text import distill_bundle
+
+    if not re.fullmatch(r"\d+(,\d+)*", args.layers):
+        raise ValueError(f"--layers: comma-separated layer indices such as 0,5 (got {args.layers!r})")
+    if args.steps < 1 or args.texts < 10:
+        raise ValueError(f"--steps must be 1 or more and --texts 10 or more (got {args.steps}, {args.texts})")
+    layers = tuple(int(x) for x in args.layers.split(","))
+    distill_bundle(args.bundle, args.out, layers, args.steps, args.texts, args.data, args.probe_images)
     return 0
 
 
