@@ -254,7 +254,8 @@ def gallery_accuracy(g: EncodedGallery, gallery, queries: np.ndarray) -> dict[st
 
 def publish(section: str, result: dict, render: Callable[[dict], str], out: Path, argv: list[str] | None) -> Path:
     """A one-section report of `python -m reir.benchmarks.SECTION`: JSON and markdown named
-    by machine and date, written beside the others in `out`; the markdown's path."""
+    by machine and date (then -2, -3, ... the same day), written beside the others in `out`;
+    the markdown's path."""
     m = machine()
     report = {
         "machine": m,
@@ -263,8 +264,12 @@ def publish(section: str, result: dict, render: Callable[[dict], str], out: Path
         "command": " ".join([f"python -m reir.benchmarks.{section}", *(sys.argv[1:] if argv is None else argv)]),
         section: result,
     }
-    name = f"{slug(m)}-{report['date']}-{section}"
+    name = base = f"{slug(m)}-{report['date']}-{section}"
     out.mkdir(parents=True, exist_ok=True)
+    for n in range(2, 1000):  # a report committed earlier the same day is never overwritten
+        if not (out / f"{name}.md").exists() and not (out / f"{name}.json").exists():
+            break
+        name = f"{base}-{n}"
     write_json_atomic(out / f"{name}.json", report)
     (out / f"{name}.md").write_text(render(report), encoding="utf-8")
     print(f"report: {out / name}.md")
