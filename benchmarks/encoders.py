@@ -42,6 +42,7 @@ from reir.engine.runtime.encoders import TextEncoder
 from reir.export.cpu_text import fp32_text_graph, quantize_text, sensitivity_texts
 from reir.export.gates import probe_set
 from reir.export.precision import TEXT_HEAD, int8_candidates
+from reir.export.text_from_graph import tower_depth
 
 from .common import KEYS, EncodedGallery, build_gallery, encoded_gallery, gallery_accuracy, publish
 
@@ -161,8 +162,7 @@ def run(
 
 
 def _layers(bundle: Bundle) -> int:
-    names = {i.name for i in onnx.load(str(bundle.graph("text_encoder"))).graph.initializer}
-    return len({n.split(".")[5] for n in names if n.startswith("model.text.model.encoder.layer.")})
+    return tower_depth(i.name for i in onnx.load(str(bundle.graph("text_encoder"))).graph.initializer)
 
 
 def markdown(report: dict) -> str:

@@ -263,7 +263,7 @@ def _gates(student, fp32, graph, portable, teacher_fns, student_fns, ds, bundle,
     rel = float(np.abs(onnx32 - ref).max() / np.abs(ref).max())
     shipped = student_fns[1](texts)
     teacher_q = teacher_fns[1](texts)
-    gates = [G.Gate("text query max|d|/|q| vs PyTorch", rel, 1e-4, rel <= 1e-4)]
+    gates = [G.Gate("text query max|d| / max|q| vs PyTorch", rel, 1e-4, rel <= 1e-4)]
     if portable == "w16":
         cos = float(_cos(shipped, onnx32).min())
         gates.append(G.Gate("text query min cosine, w16 vs fp32", cos, 0.999, cos >= 0.999))

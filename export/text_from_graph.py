@@ -12,6 +12,7 @@ shape. The rebuilt module reproduces the graph's queries to float rounding
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,14 @@ from reir.training.model import CLARE, build_model
 
 PREFIX = "model."  # TextQuery(model): every traced parameter name starts here
 HALF = "__fp16"  # export/precision.py to_w16: an fp16-stored initializer
+LAYER = "text.model.encoder.layer."  # a text-tower layer's weights
+
+
+def tower_depth(names: Iterable[str]) -> int:
+    """How many text-tower layers the weights named `names` (graph initializers or state-dict
+    keys) belong to: a distilled tower is shallower than its recipe's."""
+    keys = (n.removeprefix(PREFIX) for n in names)
+    return len({k.removeprefix(LAYER).split(".")[0] for k in keys if k.startswith(LAYER)})
 
 
 def graph_weights(path: Path) -> dict[str, np.ndarray]:
@@ -75,7 +84,7 @@ def text_model(bundle: Bundle) -> CLARE:
         frozen = not model.text.model.embeddings.word_embeddings.weight.requires_grad
         model.text.model.embeddings.word_embeddings = torch.nn.Embedding(vocab, width, padding_idx=0)
         model.text.model.embeddings.word_embeddings.requires_grad_(not frozen)  # as the recipe froze it
-    kept = len({k.split(".")[4] for k in weights if k.startswith("text.model.encoder.layer.")})
+    kept = tower_depth(weights)
     model.text.model.encoder.layer = model.text.model.encoder.layer[:kept]  # a distilled tower is shallower
     model.text.model.config.num_hidden_layers = kept
     unknown = set(weights) - set(model.state_dict())
